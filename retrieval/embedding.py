@@ -1,0 +1,183 @@
+"""Text embedders: the ``Embedder`` seam and its sentence-transformers implementation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from retrieval.models import ModelNotAvailable, offline_hint, resolve_model_path
+from retrieval.types import RetrievalError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 vectors (cosine = dot product)."""
+
+    model_name: str
+
+    @property
+    def dimension(self) -> int:
+        """Length of each vector (loads the model if needed)."""
+        ...
+
+    def warm_up(self) -> None:
+        """Load heavy resources; safe to call more than once."""
+        ...
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed many texts: returns an array of shape (N, dimension)."""
+        ...
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed one query: returns an array of shape (dimension,)."""
+        ...
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class SentenceTransformerEmbedder:
+    """Embeds with a sentence-transformers model, batched and normalised.
+
+    The model loads lazily on the first call (or an explicit ``warm_up()``).
+    Names go through ``resolve_model_path``, so ``"all-MiniLM-L6-v2"`` loads
+    from the offline package; a hub id that is not cached fails at once with
+    ``ModelNotAvailable`` when ``HF_HUB_OFFLINE=1``.
+
+    Example:
+        >>> embedder = SentenceTransformerEmbedder("all-MiniLM-L6-v2")
+        >>> vectors = embedder.embed_documents(["first text", "second text"])
+        >>> vectors.shape
+        (2, 384)
+
+    Args:
+        model_name: Model name, local folder or hub id.
+        device: ``"cpu"``, ``"cuda"``...; default cuda when available, else cpu.
+        batch_size: Texts per forward pass.
+        progress_threshold: Show a progress bar when embedding more texts than this.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "all-MiniLM-L6-v2",
+        *,
+        device: str | None = None,
+        batch_size: int = 64,
+        progress_threshold: int = 1000,
+    ) -> None:
+        if not model_name or not model_name.strip():
+            raise ValueError("model_name must be a non-empty string")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if progress_threshold < 0:
+            raise ValueError(f"progress_threshold must be >= 0, got {progress_threshold}")
+        self.model_name = model_name
+        self.device = device
+        self.batch_size = batch_size
+        self.progress_threshold = progress_threshold
+        self._model: SentenceTransformer | None = None
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Load the model (once). Raises ModelNotAvailable when it cannot be loaded offline."""
+        if self._model is not None:
+            return
+        with self._lock:
+            if self._model is not None:
+                return
+            self._model = self._load()
+
+    def _load(self) -> SentenceTransformer:
+        from sentence_transformers import SentenceTransformer
+
+        path = resolve_model_path(self.model_name)
+        device = self.device or _default_device()
+        is_local = os.path.isdir(path)
+        kwargs: dict[str, Any] = {"device": device}
+        if not is_local and _hub_offline():
+            kwargs["local_files_only"] = True
+        try:
+            model = SentenceTransformer(path, **kwargs)
+        except Exception as exc:  # the hub client raises many types; all mean "not loadable"
+            where = "local folder" if is_local else "hub id (offline: HF_HUB_OFFLINE=1)"
+            raise ModelNotAvailable(
+                f"cannot load embedding model {self.model_name!r} as a {where}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                f"{offline_hint()}"
+            ) from exc
+        model.eval()
+        logger.info("loaded embedding model %s on %s", self.model_name, device)
+        return model
+
+    @property
+    def model(self) -> SentenceTransformer:
+        """The loaded sentence-transformers model."""
+        self.warm_up()
+        assert self._model is not None
+        return self._model
+
+    @property
+    def dimension(self) -> int:
+        """Length of each embedding vector."""
+        model = self.model
+        getter = getattr(model, "get_embedding_dimension", None)
+        dim = getter() if getter is not None else model.get_sentence_embedding_dimension()
+        if dim is None:
+            raise RetrievalError(f"model {self.model_name!r} does not report its dimension")
+        return int(dim)
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input (in model tokens) the model reads; longer text is truncated."""
+        return int(self.model.max_seq_length or 0)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts in batches (sorted by length inside sentence-transformers).
+
+        Returns:
+            float32 array of shape (N, dimension), each row of unit length.
+        """
+        if len(texts) == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=len(texts) > self.progress_threshold,
+        )
+        return np.asarray(vectors, dtype=np.float32)  # (N, D)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Embed one query text: float32 array of shape (dimension,)."""
+        import torch
+
+        model = self.model
+        # A lean path for one short text: tokenize + forward without encode()'s
+        # batching and sorting machinery (about 1 ms less per query on CPU).
+        with torch.inference_mode():
+            prepare = getattr(model, "preprocess", None) or model.tokenize
+            features = {
+                key: value.to(model.device) if isinstance(value, torch.Tensor) else value
+                for key, value in prepare([text]).items()
+            }
+            out = model(features)["sentence_embedding"]  # (1, D)
+            out = torch.nn.functional.normalize(out, p=2, dim=-1)
+        return out[0].float().cpu().numpy()
