@@ -30,6 +30,13 @@ class RetrievalSettings(BaseModel):
     reranker_model: str | None = None
     max_file_mb: float = 50.0
     parse_timeout_s: float = 60.0
+    ingest_batch_chunks: int = Field(
+        default=512, gt=0, description="Chunks embedded together (across documents) per commit."
+    )
+    fetch_k: int = Field(default=50, gt=0, description="Candidates per side before fusion.")
+    rrf_k: int = Field(default=60, gt=0, description="Reciprocal rank fusion offset.")
+    dense_weight: float = Field(default=1.0, ge=0, description="Weight of dense ranks in RRF.")
+    bm25_weight: float = Field(default=1.0, ge=0, description="Weight of BM25 ranks in RRF.")
 
 
 class EngineSettings(BaseModel):
