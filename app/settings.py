@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import BaseModel, Field
@@ -49,6 +50,30 @@ class EngineSettings(BaseModel):
     max_queue: int = 64
 
 
+class AgentSettings(BaseModel):
+    """The RAG answerer, the tool agent, and the LLM backend they talk to."""
+
+    backend: Literal["engine", "openai"] = Field(
+        default="engine", description="engine (ours, in-process) | openai (any compatible server)"
+    )
+    base_url: str = Field(
+        default="http://127.0.0.1:8000/v1", description="OpenAI-compatible server (backend=openai)."
+    )
+    model: str | None = Field(
+        default=None, description="Served model name (backend=openai); default: engine.model."
+    )
+    k: int = Field(default=5, ge=1, le=50)
+    min_score: float = Field(
+        default=0.25, description="Refuse when the best chunk's cosine (dense) score is below."
+    )
+    on_low_score: Literal["refuse", "answer"] = "refuse"
+    max_answer_tokens: int = Field(default=256, ge=1)
+    max_steps: int = Field(default=6, ge=1, le=50)
+    tool_timeout_s: float = Field(default=20.0, gt=0)
+    max_tool_output_chars: int = Field(default=4000, ge=100)
+    web_timeout_s: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """All of ragloom's configuration, from ``RAGLOOM_*`` environment variables."""
 
@@ -62,6 +87,7 @@ class Settings(BaseSettings):
     )
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
 
 
 @lru_cache
