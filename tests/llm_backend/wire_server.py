@@ -7,6 +7,7 @@ user message, and records every request body it receives:
 - ``CONTEXT ...``  -> 400 with vLLM's context-length message
 - ``BAD ...``      -> 400 with some other message
 - ``ENDLESS ...``  -> a stream that never ends (records when the client leaves)
+- ``response_format`` json_schema -> an object with every property set to the message
 - a request with tools and tool_choice ``required`` or a named function, or a
   message starting ``CALL`` -> one tool call with ``{"query": <message>}``
 - anything else    -> ``"echo: <message>"``
@@ -101,6 +102,11 @@ def build_app(state: WireState) -> FastAPI:
             return _error(400, "temperature must be non-negative, got -3.0")
         call = _tool_call_for(body, text)
         content = "" if call else f"echo: {text}"
+        response_format = body.get("response_format") or {}
+        if response_format.get("type") == "json_schema" and not call:
+            # a constrained-decoding server answers in the schema: fill its string fields
+            properties = response_format["json_schema"]["schema"].get("properties", {})
+            content = json.dumps({key: text for key in properties})
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
         completion_tokens = len(content.split()) + (3 if call else 0)
         usage = {
