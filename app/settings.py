@@ -74,6 +74,21 @@ class AgentSettings(BaseModel):
     web_timeout_s: float = Field(default=5.0, gt=0)
 
 
+class LLMSettings(BaseModel):
+    """Connection details of an OpenAI-compatible LLM server (``agent.backend=openai``).
+
+    Which backend, its URL and model name live in ``AgentSettings``.
+    """
+
+    api_key: str = Field(default="EMPTY", description="Bearer token; local servers accept any.")
+    connect_timeout_s: float = Field(
+        default=2.0, gt=0, description="Seconds to wait for the TCP connection to the server."
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Seconds to wait for each piece of an answer."
+    )
+
+
 class Settings(BaseSettings):
     """All of ragloom's configuration, from ``RAGLOOM_*`` environment variables."""
 
@@ -88,6 +103,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
 
 
 @lru_cache
