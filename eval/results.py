@@ -110,11 +110,14 @@ class RunResult:
 
 
 def write_trec_run(run: dict[str, dict[str, float]], path: Path, tag: str) -> None:
-    """Write ``run`` as a TREC run file: ``qid Q0 docid rank score tag``, best first."""
+    """Write ``run`` as a TREC run file: ``qid Q0 docid rank score tag``, best first.
+
+    Scores are written exactly (shortest round-trip form), so ties stay broken.
+    """
     with path.open("w", encoding="utf-8") as handle:
         for qid in sorted(run):
             for rank, (doc_id, score) in enumerate(ranked(run[qid]), start=1):
-                handle.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+                handle.write(f"{qid} Q0 {doc_id} {rank} {score!r} {tag}\n")
 
 
 def read_trec_run(path: Path) -> dict[str, dict[str, float]]:

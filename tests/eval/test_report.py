@@ -60,8 +60,8 @@ def test_run_folder_layout_and_round_trip(tmp_path: Path) -> None:
     }
 
     trec_lines = (out / "runs" / "weak.trec").read_text().splitlines()
-    assert trec_lines[0] == "q1 Q0 d9 1 0.900000 weak"
-    assert trec_lines[1] == "q1 Q0 d1 2 0.100000 weak"
+    assert trec_lines[0] == "q1 Q0 d9 1 0.9 weak"
+    assert trec_lines[1] == "q1 Q0 d1 2 0.1 weak"
     assert read_trec_run(out / "runs" / "good.trec") == GOOD
 
     for name in ("metrics.png", "per_query_distribution.png", "recall_curve.png"):
