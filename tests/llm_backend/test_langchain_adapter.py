@@ -259,3 +259,15 @@ async def test_over_a_real_openai_server(wire_server: tuple[str, WireState]) -> 
     parsed = await model.with_structured_output(Echo).ainvoke("structured")
     assert parsed == Echo(text="structured")
     assert state.requests[-1]["response_format"]["json_schema"]["name"] == "Echo"
+
+
+@pytest.mark.integration
+def test_sync_calls_over_a_real_openai_server(wire_server: tuple[str, WireState]) -> None:
+    model = ChatBackendModel(backend=OpenAICompatBackend(wire_server[0], MODEL))
+    assert model.invoke("one").content == "echo: one"
+    pieces = [chunk.content for chunk in model.stream("two three four")]
+    assert "".join(pieces) == "echo: two three four" and len([p for p in pieces if p]) == 4
+    # abandoning a sync stream part-way closes it; the model keeps working
+    for _chunk in model.stream("ENDLESS"):
+        break
+    assert model.invoke("five").content == "echo: five"
