@@ -1,0 +1,375 @@
+"""A Llama / Qwen2 decoder in plain PyTorch, gpt-fast style, with a slotted KV cache.
+
+Shapes use B = batch rows, T = new tokens per row, S = attended cache length,
+D = model dim, H = query heads, Hkv = key/value heads, hd = head dim, V = vocab.
+
+Real multi-request batching: every row carries its own positions (``input_pos``)
+and its own cache slot (``slots``), so rows at different positions decode in one
+step. The attention mask is built from tensors (no host sync).
+
+Example:
+    >>> args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+    ...                  vocab_size=100)
+    >>> model = Transformer(args).eval()
+    >>> model.setup_caches(max_batch=2, max_seq_len=32, dtype=torch.float32)
+    >>> tokens = torch.tensor([[5, 6, 7]]); pos = torch.arange(3)[None]
+    >>> model(tokens, pos, torch.tensor([0])).shape
+    torch.Size([1, 3, 100])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm_backend.engine.errors import EngineError
+from llm_backend.engine.gguf_reader import GGUFMetadata
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters of a Llama-family decoder; ``__post_init__`` derives the rest."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    hidden_dim: int
+    n_kv_heads: int = -1  # -1: same as n_heads (no GQA)
+    head_dim: int = -1  # -1: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling_type: str | None = None  # None | "none" | "linear"
+    rope_scaling_factor: float = 1.0
+    max_position: int = 4096  # the model's trained context length
+    qkv_bias: bool = False  # Qwen2 has a bias on Q, K and V
+    tied_embeddings: bool = False  # output projection shares the token embedding
+    architecture: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads == -1:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim == -1:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads != 0:
+            raise EngineError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise EngineError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_gguf_metadata(
+        cls, meta: GGUFMetadata, *, tied_embeddings: bool, qkv_bias: bool
+    ) -> ModelArgs:
+        """Build from a GGUF file's metadata (whether the file has ``output.weight``
+        and ``attn_q.bias`` decides ``tied_embeddings`` / ``qkv_bias``)."""
+        scaling = meta.rope_scaling_type
+        if scaling not in (None, "none", "linear"):
+            raise EngineError(f"unsupported rope scaling type {scaling!r}")
+        return cls(
+            dim=meta.embedding_length,
+            n_layers=meta.block_count,
+            n_heads=meta.head_count,
+            n_kv_heads=meta.head_count_kv,
+            head_dim=meta.key_length or -1,
+            vocab_size=meta.vocab_size,
+            hidden_dim=meta.feed_forward_length,
+            norm_eps=meta.rms_norm_eps,
+            rope_base=meta.rope_freq_base,
+            rope_scaling_type=scaling,
+            rope_scaling_factor=meta.rope_scaling_factor or 1.0,
+            max_position=meta.context_length,
+            qkv_bias=qkv_bias,
+            tied_embeddings=tied_embeddings,
+            architecture=meta.architecture,
+        )
+
+
+_NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values: ``max_batch`` slots × ``max_seq_len`` positions."""
+
+    def __init__(
+        self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)  # (slots, Hkv, S_max, hd)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.k_cache: Tensor
+        self.v_cache: Tensor
+
+    def update(
+        self, slots: Tensor | None, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int
+    ) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` (B, Hkv, T, hd) at ``input_pos`` (B, T) of each row's slot,
+        then return the first ``kv_len`` positions of those slots, (B, Hkv, kv_len, hd)."""
+        B = k.shape[0]
+        if slots is None:  # rows 0..B-1 own slots 0..B-1: views, no gather
+            k_rows = self.k_cache[:B]  # (B, Hkv, S_max, hd)
+            v_rows = self.v_cache[:B]
+            row_idx = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            k_rows[row_idx, :, input_pos] = k.transpose(1, 2)  # (B, T, Hkv, hd)
+            v_rows[row_idx, :, input_pos] = v.transpose(1, 2)
+            return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        slot_idx = slots[:, None]  # (B, 1)
+        self.k_cache[slot_idx, :, input_pos] = k.transpose(1, 2)  # (B, T, Hkv, hd)
+        self.v_cache[slot_idx, :, input_pos] = v.transpose(1, 2)
+        k_all = self.k_cache[:, :, :kv_len].index_select(0, slots)  # (B, Hkv, kv_len, hd)
+        v_all = self.v_cache[:, :, :kv_len].index_select(0, slots)
+        return k_all, v_all
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.to(x.dtype) * self.weight
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim's halves (Hugging Face's RoPE layout)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (B, T, n, hd) by per-position angles ``cos``/``sin`` (B, T, 1, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with one fused QKV projection."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.q_size = args.q_size
+        self.kv_size = args.kv_size
+        self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.q_size, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D)
+        cos: Tensor,  # (B, T, 1, hd)
+        sin: Tensor,
+        mask: Tensor,  # (B, 1, T, S) bool, True = attend
+        input_pos: Tensor,  # (B, T)
+        slots: Tensor | None,  # (B,)
+        kv_len: int,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)  # (B, T, q_size + 2 kv_size)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        if self.kv_cache is None:
+            raise EngineError(_NO_CACHE)
+        k_all, v_all = self.kv_cache.update(
+            slots, input_pos, k.transpose(1, 2), v.transpose(1, 2), kv_len
+        )  # (B, Hkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=True
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(x W1) * (x W3)), with W1 (gate) and W3 (up) fused into ``w13``."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.hidden_dim = args.hidden_dim
+        self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)  # (B, T, D)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + pre-norm SwiGLU, each with a residual connection."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        input_pos: Tensor,
+        slots: Tensor | None,
+        kv_len: int,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, slots, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder: embedding, ``n_layers`` blocks, final norm, output projection."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch = 0
+        self.max_seq_len = 0
+        self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("key_positions", torch.empty(0, dtype=torch.long), persistent=False)
+        self.rope_cos: Tensor
+        self.rope_sin: Tensor
+        self.key_positions: Tensor
+
+    def blocks(self) -> list[TransformerBlock]:
+        """The transformer blocks, typed."""
+        return [cast(TransformerBlock, block) for block in self.layers]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (the embedding's dtype)."""
+        return self.tok_embeddings.weight.dtype
+
+    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        """Allocate the KV cache (``max_batch`` slots × ``max_seq_len`` positions) and RoPE
+        tables. Calling it again with other sizes reallocates (old cache contents are lost)."""
+        if max_batch < 1 or max_seq_len < 1:
+            raise EngineError(
+                f"max_batch and max_seq_len must be >= 1, got {max_batch}, {max_seq_len}"
+            )
+        args = self.args
+        device = self.tok_embeddings.weight.device
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        for block in self.blocks():
+            block.attention.kv_cache = KVCache(
+                max_batch, max_seq_len, args.n_kv_heads, args.head_dim, dtype
+            ).to(device)
+        # inv_freq_i = base^(-2i/hd), i < hd/2; angles (S_max, hd/2); HF layout cat(a, a).
+        exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim
+        inv_freq = 1.0 / (args.rope_base**exponents)
+        if self.rope_freq_factors is not None:
+            inv_freq = inv_freq / self.rope_freq_factors.to(torch.float64).cpu()
+        positions = torch.arange(max_seq_len, dtype=torch.float64)
+        if args.rope_scaling_type == "linear":
+            positions = positions / args.rope_scaling_factor
+        angles = torch.outer(positions, inv_freq)  # (S_max, hd/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (S_max, hd)
+        self.rope_cos = angles.cos().to(device=device, dtype=torch.float32)
+        self.rope_sin = angles.sin().to(device=device, dtype=torch.float32)
+        self.key_positions = torch.arange(max_seq_len, device=device)
+
+    def copy_slot_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copy cached K/V of positions [0, length) from ``src_slot`` to ``dst_slot``
+        (prefix caching: a new request reuses a finished request's prompt prefix)."""
+        if not (0 <= src_slot < self.max_batch and 0 <= dst_slot < self.max_batch):
+            raise EngineError(
+                f"slots must be in [0, {self.max_batch}), got src={src_slot} dst={dst_slot}"
+            )
+        if not 0 <= length <= self.max_seq_len:
+            raise EngineError(f"length must be in [0, {self.max_seq_len}], got {length}")
+        if src_slot == dst_slot or length == 0:
+            return
+        with torch.no_grad():
+            for block in self.blocks():
+                cache = block.attention.kv_cache
+                if cache is None:
+                    raise EngineError(_NO_CACHE)
+                cache.k_cache[dst_slot, :, :length] = cache.k_cache[src_slot, :, :length]
+                cache.v_cache[dst_slot, :, :length] = cache.v_cache[src_slot, :, :length]
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, T) long
+        input_pos: Tensor,  # (B, T) long, each row's absolute positions
+        slots: Tensor | None = None,  # (B,) long; None = row b uses slot b
+        *,
+        last_only: bool = False,
+        logits_index: Tensor | None = None,  # (B,) which t gives logits when last_only
+        kv_len: int | None = None,
+    ) -> Tensor:
+        """Run ``tokens`` through the model, writing their K/V into the cache.
+
+        Row b writes into slot ``slots[b]`` at positions ``input_pos[b]`` and attends
+        causally to every cached position <= its own in that slot.
+
+        Args:
+            tokens: Token ids, (B, T).
+            input_pos: Absolute positions, (B, T).
+            slots: Cache slot of each row, (B,); None means row b uses slot b (no gather).
+            last_only: Return logits of one position per row only: (B, 1, V). Which one is
+                ``logits_index[b]`` when given (right-padded prefill), else T-1.
+            kv_len: Upper bound (exclusive) on every position in ``input_pos``: attention
+                reads only cache positions [0, kv_len). The caller knows it host-side;
+                None reads the whole cache (correct, slower).
+
+        Returns:
+            Float logits, (B, T, V) or (B, 1, V) with ``last_only``.
+        """
+        if self.max_seq_len == 0:
+            raise EngineError(_NO_CACHE)
+        S = self.max_seq_len if kv_len is None else min(kv_len, self.max_seq_len)
+        B = tokens.shape[0]
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        cos = self.rope_cos[input_pos].to(x.dtype).unsqueeze(2)  # (B, T, 1, hd)
+        sin = self.rope_sin[input_pos].to(x.dtype).unsqueeze(2)
+        # Causal per-row mask over cache positions: key position <= query position.
+        mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, slots, S)  # (B, T, D)
+        if last_only:
+            if logits_index is None:
+                x = x[:, -1:]  # (B, 1, D)
+            else:
+                x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, D)
+        return self.output(self.norm(x)).float()  # (B, T or 1, V)
+
+
+def unpermute_llama_qk(weight: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate_half halves).
+
+    llama.cpp's converter maps HF rows (head, half, i) to (head, i, half); this maps back.
+    Works for weights (out, in) and biases (out,).
+    """
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    w = weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])
+    return w.transpose(1, 2).reshape(weight.shape)
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())

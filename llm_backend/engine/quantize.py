@@ -1,0 +1,192 @@
+"""Weight-only quantization by module swap (gpt-fast style).
+
+Every ``nn.Linear`` inside the transformer blocks, and the output projection, is
+replaced by a linear holding quantized weights plus scales; embeddings and norms
+stay in the model's float dtype. Activations are bfloat16: the CPU int8 kernel is
+fast only with bf16 inputs.
+
+- ``int8``: symmetric per-output-channel, w ≈ q * scale, q in [-128, 127];
+  ``torch._weight_int8pack_mm``.
+- ``int4``: asymmetric per group of ``group_size`` input columns,
+  w ≈ (q - 8) * scale + zero, q in [0, 15]; ``torch._weight_int4pack_mm_for_cpu``
+  (a dequantize-on-the-fly fallback is used when the kernel is absent or the shape
+  does not fit it).
+
+Example:
+    >>> model = build_model(gguf_file).to(torch.bfloat16)
+    >>> quantize_model(model, "int8")
+    >>> isinstance(model.layers[0].attention.wqkv, Int8Linear)
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm_backend.engine.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+_INT4_INNER_K_TILES = 2
+_HAS_INT4_CPU_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch, "_convert_weight_to_int4pack_for_cpu"
+)
+
+
+def quantize_int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) float -> int8 (N, K) and float32 scales (N,) with w ≈ q * scale."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
+    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)  # (N, K)
+    return q, scales
+
+
+def quantize_int4_grouped(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, K) float -> int32 codes in [0, 15] (N, K), scales and zeros (N, K/group_size).
+
+    Dequantize: w ≈ (q - 8) * scale + zero (gpt-fast's convention, zero = min + 8 * scale).
+    """
+    N, K = weight.shape
+    w = weight.float().reshape(N, K // group_size, group_size)  # (N, G, gs)
+    w_max = w.amax(dim=-1, keepdim=True)
+    w_min = w.amin(dim=-1, keepdim=True)
+    scales = (w_max - w_min).clamp(min=1e-6) / 15.0  # (N, G, 1)
+    zeros = w_min + scales * 8.0
+    q = torch.round((w - w_min) / scales).clamp(0, 15).to(torch.int32).reshape(N, K)
+    return q, scales.squeeze(-1), zeros.squeeze(-1)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T (+ b) with W stored int8 per output channel; bf16 activations."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        q, scales = quantize_int8_per_channel(linear.weight.detach())
+        self.register_buffer("weight", q)  # (N, K) int8
+        self.register_buffer("scales", scales.to(torch.bfloat16))  # (N,)
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+        self.weight: Tensor
+        self.scales: Tensor
+        self.bias: Tensor | None
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W stored as 4-bit codes, group-wise scale and zero."""
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.group_size = group_size
+        N, K = self.out_features, self.in_features
+        if K % group_size != 0:
+            raise EngineError(f"in_features {K} is not a multiple of group_size {group_size}")
+        q, scales, zeros = quantize_int4_grouped(linear.weight.detach(), group_size)
+        fits_kernel = N % 8 == 0 and K % (16 * _INT4_INNER_K_TILES) == 0
+        self.use_kernel = _HAS_INT4_CPU_KERNEL and fits_kernel
+        if self.use_kernel:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES)
+            self.register_buffer("weight", packed)  # (N, K/2) uint8
+            # (G, N, 2): per group and output channel, (scale, zero).
+            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1)
+            self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous().bfloat16())
+        else:
+            # Two codes per byte, low nibble first: (N, K/2) uint8.
+            nibbles = q.to(torch.uint8).reshape(N, K // 2, 2)
+            self.register_buffer("weight", nibbles[..., 0] | (nibbles[..., 1] << 4))
+            self.register_buffer("scales_and_zeros", torch.stack((scales, zeros), -1).bfloat16())
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.register_buffer("bias", bias)
+        self.weight: Tensor
+        self.scales_and_zeros: Tensor
+        self.bias: Tensor | None
+
+    def dequantized_weight(self) -> Tensor:
+        """The (N, K) bf16 weight the fallback path multiplies with."""
+        N, K = self.out_features, self.in_features
+        low = (self.weight & 0x0F).to(torch.bfloat16)
+        high = (self.weight >> 4).to(torch.bfloat16)
+        q = torch.stack((low, high), dim=-1).reshape(N, K // self.group_size, self.group_size)
+        scales = self.scales_and_zeros[..., 0:1]  # (N, G, 1)
+        zeros = self.scales_and_zeros[..., 1:2]
+        return ((q - 8) * scales + zeros).reshape(N, K)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if self.use_kernel:
+            y = torch._weight_int4pack_mm_for_cpu(
+                x2, self.weight, self.group_size, self.scales_and_zeros
+            )  # (M, N)
+        else:
+            y = F.linear(x2, self.dequantized_weight())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 group_size={self.group_size}, kernel={self.use_kernel}"
+        )
+
+
+def _swap_linears(
+    module: nn.Module, mode: Literal["int8", "int4"], group_size: int, prefix: str = ""
+) -> int:
+    swapped = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            new: nn.Module = Int8Linear(child) if mode == "int8" else Int4Linear(child, group_size)
+            setattr(module, name, new)
+            swapped += 1
+        else:
+            swapped += _swap_linears(child, mode, group_size, f"{prefix}{name}.")
+    return swapped
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, mode: Literal["int8", "int4"], group_size: int = 32
+) -> nn.Module:
+    """Swap every ``nn.Linear`` in ``model`` for a weight-only quantized linear, in place.
+
+    Embeddings and norms are not ``nn.Linear`` and stay as they are. A tied output
+    projection gets its own quantized copy; the embedding keeps the float weight.
+
+    Args:
+        model: Usually a bf16 ``Transformer`` (activations must be bf16 for speed).
+        mode: ``"int8"`` (per-channel) or ``"int4"`` (group-wise).
+        group_size: Input columns per int4 group (32, 64, 128, ...).
+
+    Returns:
+        The same model, for chaining.
+    """
+    if mode not in ("int8", "int4"):
+        raise EngineError(f"quantization mode must be 'int8' or 'int4', got {mode!r}")
+    if group_size <= 0 or group_size % 2 != 0:
+        raise EngineError(f"group_size must be a positive even number, got {group_size}")
+    swapped = _swap_linears(model, mode, group_size)
+    logger.info("quantized %d linear layers to %s", swapped, mode)
+    return model
