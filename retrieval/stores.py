@@ -272,7 +272,7 @@ class ChromaStore:
                 ids=[ids[i] for i in part],
                 embeddings=np.asarray(embeddings[part], dtype=np.float32),
                 documents=[texts[i] for i in part],
-                metadatas=[clean_metadata(metadatas[i]) for i in part],  # type: ignore[misc]
+                metadatas=[clean_metadata(metadatas[i]) or None for i in part],  # type: ignore[misc]
             )
         return len(keep)
 
