@@ -7,10 +7,12 @@ hanging the request that needed it.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib
 import logging
 import re
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,10 +145,24 @@ class OpenAICompatBackend:
         self.base_url = _normalise_base_url(base_url)
         self.model = model
         self.context_window = context_window
+        self._api_key = api_key or "EMPTY"
         self._timeout = openai.Timeout(read_timeout, connect=connect_timeout)
-        self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key or "EMPTY", timeout=self._timeout, max_retries=0
+        # One client per event loop: its connection pool belongs to the loop that opened
+        # it, and the LangChain adapter's sync calls run on a loop of their own.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = (
+            weakref.WeakKeyDictionary()
         )
+
+    @property
+    def _client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self._api_key, timeout=self._timeout, max_retries=0
+            )
+            self._clients[loop] = client
+        return client
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -295,8 +311,10 @@ class OpenAICompatBackend:
         return approximate_token_count(messages)
 
     async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
-        await self._client.close()
+        """Close the HTTP connection pool of the running event loop."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
 
 
 def _error_detail(exc: openai.APIStatusError) -> str:

@@ -271,3 +271,16 @@ def test_sync_calls_over_a_real_openai_server(wire_server: tuple[str, WireState]
     for _chunk in model.stream("ENDLESS"):
         break
     assert model.invoke("five").content == "echo: five"
+
+
+@pytest.mark.integration
+async def test_one_backend_serves_sync_and_async_callers(
+    wire_server: tuple[str, WireState],
+) -> None:
+    """The async caller's loop and the adapter's private loop each get their own pool."""
+    model = ChatBackendModel(backend=OpenAICompatBackend(wire_server[0], MODEL))
+    assert (await model.ainvoke("a")).content == "echo: a"
+    assert model.invoke("b").content == "echo: b"  # sync, from inside a running loop
+    assert (await model.ainvoke("c")).content == "echo: c"
+    assert "".join(str(c.content) for c in model.stream("d e")) == "echo: d e"
+    assert (await model.ainvoke("f")).content == "echo: f"
