@@ -112,7 +112,8 @@ def test_table_rows_become_documents_and_removed_rows_are_pruned(tmp_path: Path)
     assert report.files[0].documents == 2 and report.files[0].status == "added"
     assert len(ingestor.manifest.documents("faq")) == 2
     table.write_text(
-        "qid,question,answer\nq1,How do I reset my password?,Use the reset link on the login page.\n",
+        "qid,question,answer\n"
+        "q1,How do I reset my password?,Use the reset link on the login page.\n",
         encoding="utf-8",
     )
     ingestor.ingest([table], "faq", prune=True)
