@@ -82,7 +82,7 @@ def _build_backend(meta: TokenizerMetadata, architecture: str) -> Tokenizer:
         "unk_token_id": meta.unk_token_id,
         "pad_token_id": meta.pad_token_id,
     }
-    if meta.merges:
+    if meta.merges or meta.model == "gpt2":
         tokenizer_dict["merges"] = meta.merges
     if meta.scores is not None:
         tokenizer_dict["scores"] = meta.scores

@@ -1,0 +1,114 @@
+"""Tiny random GGUFs (written with gguf.GGUFWriter) against transformers loading the same file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_backend.engine.loader import load_model
+from tests.engine.conftest import load_hf_from_gguf
+
+TOKENS = [5, 6, 7, 100, 200, 3, 9, 42, 17, 250]
+CASES = {
+    "llama-gqa-separate-output": {},
+    "qwen2-qkv-bias": {"arch": "qwen2", "qkv_bias": True},
+    "llama-tied": {"tied": True},
+    "llama-f16": {"tensor_type": "F16"},
+    "llama-q8_0": {"tensor_type": "Q8_0"},
+    "llama-no-gqa": {"n_kv_heads": 4},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tiny_gguf_matches_transformers_prefill_and_decode(
+    case: str, tiny_gguf: Callable[..., Path]
+) -> None:
+    path = tiny_gguf(**CASES[case])
+    hf = load_hf_from_gguf(path)
+    loaded = load_model(path, quant="fp32", max_batch=2, max_seq_len=64)
+    model = loaded.model
+    ids = torch.tensor([TOKENS])
+    with torch.no_grad():
+        reference = hf(ids).logits  # (1, T, V)
+        prompt_len = 6
+        prefill_logits = model(
+            ids[:, :prompt_len],
+            torch.arange(prompt_len)[None],
+            torch.tensor([1]),
+            kv_len=prompt_len,
+        )
+        decoded = [
+            model(ids[:, t : t + 1], torch.tensor([[t]]), torch.tensor([1]), kv_len=t + 1)
+            for t in range(prompt_len, len(TOKENS))
+        ]
+    ours = torch.cat([prefill_logits, *decoded], dim=1)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_tied_shares_one_weight(tiny_gguf: Callable[..., Path]) -> None:
+    loaded = load_model(tiny_gguf(tied=True), quant="fp32", max_batch=1, max_seq_len=16)
+    assert loaded.args.tied_embeddings
+    assert loaded.model.output.weight is loaded.model.tok_embeddings.weight
+
+
+def test_rows_at_different_positions_in_one_step(tiny_gguf: Callable[..., Path]) -> None:
+    """Two requests in different slots decode together while at different positions."""
+    loaded = load_model(tiny_gguf(), quant="fp32", max_batch=4, max_seq_len=64)
+    model = loaded.model
+    a, b = TOKENS[:7], TOKENS[2:5]
+    with torch.no_grad():
+        # Alone: each in its own slot, its last token decoded separately.
+        model(torch.tensor([a[:-1]]), torch.arange(6)[None], torch.tensor([3]), kv_len=6)
+        alone_a = model(torch.tensor([[a[-1]]]), torch.tensor([[6]]), torch.tensor([3]))
+        model(torch.tensor([b[:-1]]), torch.arange(2)[None], torch.tensor([0]), kv_len=2)
+        alone_b = model(torch.tensor([[b[-1]]]), torch.tensor([[2]]), torch.tensor([0]))
+        # Together: one (2, 1) step, rows at positions 6 and 2, slots 2 and 1 (re-prefilled).
+        model(torch.tensor([a[:-1]]), torch.arange(6)[None], torch.tensor([2]), kv_len=6)
+        model(torch.tensor([b[:-1]]), torch.arange(2)[None], torch.tensor([1]), kv_len=2)
+        both = model(
+            torch.tensor([[a[-1]], [b[-1]]]),
+            torch.tensor([[6], [2]]),
+            torch.tensor([2, 1]),
+            kv_len=7,
+        )
+    torch.testing.assert_close(both[0], alone_a[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], alone_b[0], atol=1e-5, rtol=1e-5)
+
+
+def test_copy_slot_prefix_reuses_cached_prompt(tiny_gguf: Callable[..., Path]) -> None:
+    loaded = load_model(tiny_gguf(), quant="fp32", max_batch=3, max_seq_len=32)
+    model = loaded.model
+    ids = torch.tensor([TOKENS[:8]])
+    with torch.no_grad():
+        full = model(ids, torch.arange(8)[None], torch.tensor([0]), kv_len=8)
+        model.copy_slot_prefix(0, 2, 5)  # slot 2 now holds positions 0..4
+        rest = model(ids[:, 5:], torch.arange(5, 8)[None], torch.tensor([2]), kv_len=8)
+    torch.testing.assert_close(rest, full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_and_logits_index(tiny_gguf: Callable[..., Path]) -> None:
+    loaded = load_model(tiny_gguf(), quant="fp32", max_batch=2, max_seq_len=32)
+    model = loaded.model
+    ids = torch.tensor([TOKENS[:6], TOKENS[1:7]])
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        full = model(ids, pos, torch.tensor([0, 1]), kv_len=6)
+        last = model(ids, pos, torch.tensor([0, 1]), last_only=True, kv_len=6)
+        picked = model(ids, pos, None, last_only=True, logits_index=torch.tensor([2, 4]), kv_len=6)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    torch.testing.assert_close(picked[:, 0], torch.stack((full[0, 2], full[1, 4])))
+
+
+def test_forward_without_setup_caches_is_a_clear_error(tiny_gguf: Callable[..., Path]) -> None:
+    from llm_backend.engine.errors import EngineError
+    from llm_backend.engine.gguf_reader import GGUFFile
+    from llm_backend.engine.loader import build_model
+
+    model = build_model(GGUFFile.open(tiny_gguf()))
+    with pytest.raises(EngineError, match="setup_caches"):
+        model(torch.tensor([[1, 2]]), torch.arange(2)[None])
