@@ -8,9 +8,10 @@ does not depend on the token chunker's settings.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from retrieval import HybridRetriever, Ingestor
+from retrieval import HybridRetriever, Ingestor, SentenceTransformerEmbedder
 from retrieval.types import Chunk, SourceDocument
 
 HELPCENTRE = Path(__file__).resolve().parents[2] / "docs" / "samples" / "helpcentre"
@@ -42,10 +43,21 @@ class SectionChunker:
         return chunks
 
 
+@functools.lru_cache(maxsize=1)
+def shared_embedder() -> SentenceTransformerEmbedder:
+    """The real MiniLM model, loaded once per test process."""
+    embedder = SentenceTransformerEmbedder("all-MiniLM-L6-v2")
+    embedder.warm_up()
+    return embedder
+
+
 def build_collection(data_dir: Path) -> None:
     """Ingest the help-centre samples into ``data_dir`` as collection ``helpcentre``."""
-    Ingestor(data_dir, chunker=SectionChunker()).ingest([HELPCENTRE], collection=COLLECTION)
+    Ingestor(data_dir, embedder=shared_embedder(), chunker=SectionChunker()).ingest(
+        [HELPCENTRE], collection=COLLECTION
+    )
 
 
 def open_retriever(data_dir: Path, k: int = 4) -> HybridRetriever:
-    return HybridRetriever.from_data_dir(data_dir, COLLECTION, k=k)
+    """A hybrid retriever over the collection, sharing the loaded embedder."""
+    return HybridRetriever.from_data_dir(data_dir, COLLECTION, embedder=shared_embedder(), k=k)

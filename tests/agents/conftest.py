@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,3 +52,13 @@ def three_docs() -> list[Document]:
         doc("The Pro plan costs 12 euros per seat per month.", 2, section="Pricing > Pro"),
         doc("Support is open Monday to Friday, 9:00-17:00 CET.", 3),
     ]
+
+
+@pytest.fixture(scope="session")
+def helpcentre_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder holding the real ``helpcentre`` collection (MiniLM, Chroma, BM25)."""
+    from tests.agents.collection import build_collection
+
+    data_dir = tmp_path_factory.mktemp("agents-data")
+    build_collection(data_dir)
+    return data_dir
