@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForRetrieverRun,
+)
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
@@ -314,9 +318,7 @@ class HybridRetriever(BaseRetriever):
             item.score = rerank_score
         return sorted(results, key=lambda r: -r.score)
 
-    def _get_relevant_documents(
-        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
-    ) -> list[Document]:
+    def _documents(self, query: str, kwargs: dict[str, Any]) -> list[Document]:
         unknown = set(kwargs) - {"k", "mode", "filters"}
         if unknown:
             raise ValueError(f"unknown retriever arguments: {', '.join(sorted(unknown))}")
@@ -324,3 +326,14 @@ class HybridRetriever(BaseRetriever):
             query, k=kwargs.get("k"), mode=kwargs.get("mode"), filters=kwargs.get("filters")
         )
         return [c.to_document() for c in chunks]
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        return self._documents(query, kwargs)
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, **kwargs: Any
+    ) -> list[Document]:
+        # The search is CPU-bound and short: run it off the event loop.
+        return await asyncio.to_thread(self._documents, query, kwargs)
