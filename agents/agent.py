@@ -47,7 +47,7 @@ from langgraph.types import Command
 
 from agents.errors import AgentError
 from agents.events import DoneEvent, TokenEvent, ToolCallEvent, ToolResultEvent
-from agents.prompts import AGENT_SYSTEM_PROMPT, MAX_STEPS_MESSAGE
+from agents.prompts import AGENT_SYSTEM_PROMPT, INVALID_TOOL_CALL_MESSAGE, MAX_STEPS_MESSAGE
 from agents.sources import Citation, Source, format_sources, resolve_citations
 from agents.tools import ToolRegistry
 from llm_backend.types import ChatMessage
@@ -365,6 +365,20 @@ class ToolAgent:
                             traces[call_id] = ToolTrace(call["name"], dict(call["args"]), call_id)
                             order.append(call_id)
                             yield ToolCallEvent(call["name"], dict(call["args"]), call_id)
+                        for bad in message.invalid_tool_calls:
+                            # arguments that are not JSON: nothing runs; LangChain ends
+                            # the loop, so report it and say so in the answer
+                            call_id = bad.get("id") or f"call-{len(order)}"
+                            name = bad.get("name") or ""
+                            raw = {"raw_arguments": bad.get("args")}
+                            reason = f"invalid tool call: {bad.get('error') or 'bad arguments'}"
+                            traces[call_id] = ToolTrace(name, raw, call_id, reason, True)
+                            order.append(call_id)
+                            yield ToolCallEvent(name, raw, call_id)
+                            yield ToolResultEvent(name, reason, call_id, True)
+                            if not final_text:
+                                final_text = INVALID_TOOL_CALL_MESSAGE
+                                yield TokenEvent(final_text)
                     elif isinstance(message, ToolMessage):
                         result_text = _text_of(message)
                         error = message.status == "error"

@@ -286,3 +286,23 @@ def test_web_search_tool_in_registry_uses_the_injected_client() -> None:
     tool = make_web_search(client_factory=lambda t: Offline())
     assert tool.invoke({"query": "x"}) == "web search unavailable: network is unreachable"
     assert isinstance(DoneEvent(None), DoneEvent)
+
+
+async def test_invalid_tool_arguments_are_reported_not_run(three_docs: list[Document]) -> None:
+    agent, backend = make_agent(
+        [calls(ToolCall("c1", "calculator", "expression=1+1"))],
+        make_registry(three_docs),
+    )
+    events = await collect(agent, "Compute")
+    result: AgentResult = events[-1].answer
+    [trace] = result.tool_calls
+    assert (trace.name, trace.error) == ("calculator", True)
+    assert trace.result is not None and trace.result.startswith("invalid tool call: ")
+    assert result.answer.startswith("I could not finish")
+    assert [type(e).__name__ for e in events] == [
+        "ToolCallEvent",
+        "ToolResultEvent",
+        "TokenEvent",
+        "DoneEvent",
+    ]
+    assert len(backend.requests) == 1
