@@ -16,7 +16,20 @@ from retrieval.types import LoaderError, SourceDocument
 
 logger = logging.getLogger(__name__)
 
-_PRELOAD = ["__main__", "retrieval.loaders"]
+# Imported once by the fork server, so each child starts with the parsers loaded.
+_PRELOAD = [
+    "__main__",
+    "retrieval.loaders",
+    "pypdf",
+    "docx",
+    "bs4",
+    "soupsieve",
+    "lxml.etree",
+    "docutils.core",
+    "docutils.parsers.rst",
+    "markdown_it",
+    "charset_normalizer",
+]
 
 
 @functools.cache
@@ -24,7 +37,9 @@ def _context() -> BaseContext:
     """The forkserver context: children fork from a clean server that never ran torch.
 
     The server preloads the loader modules, so each child starts in milliseconds
-    instead of re-importing pypdf, bs4 and docutils.
+    instead of re-importing pypdf, bs4 and docutils. As with any forkserver or
+    spawn use, the main script must keep its work under ``if __name__ == "__main__":``
+    (the server imports the main module once, as ``__mp_main__``).
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # type: ignore[attr-defined]
@@ -95,8 +110,15 @@ def load_file_isolated(
             status, payload = receiver.recv()
         except EOFError:
             process.join(timeout=5)
+            hint = (
+                " (a script that calls load_file_isolated needs the "
+                "`if __name__ == '__main__':` guard)"
+                if process.exitcode == 1
+                else ""
+            )
             raise LoaderError(
-                f"parsing {source} failed: the parser process died (exit code {process.exitcode})"
+                f"parsing {source} failed: the parser process died "
+                f"(exit code {process.exitcode}){hint}"
             ) from None
     finally:
         if process.is_alive():

@@ -6,12 +6,15 @@ tests need no PDF-writing dependency; pypdf then encrypts or reads them.
 
 from __future__ import annotations
 
+import functools
 import io
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from retrieval.types import SourceDocument
 
 DOCS_SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "docs-samples"
 MIB = 1024 * 1024
@@ -131,6 +134,14 @@ def write(tmp_path: Path) -> Callable[[str, bytes | str], Path]:
 @pytest.fixture(scope="session")
 def zip_bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_zip_bomb(tmp_path_factory.mktemp("bomb") / "bomb.docx")
+
+
+@functools.cache
+def load_sample(relative: str) -> list[SourceDocument]:
+    """A shared docs sample loaded once per test process (callers must not mutate it)."""
+    from retrieval.loaders import load_file
+
+    return load_file(DOCS_SAMPLES / relative)
 
 
 @pytest.fixture(scope="session")

@@ -6,15 +6,14 @@ import functools
 import itertools
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from retrieval.chunking import TokenChunker
-from retrieval.loaders import load_file
 from retrieval.models import resolve_model_path
 from retrieval.types import SourceDocument, TextBlock
+from tests.retrieval.conftest import load_sample
 
 
 @functools.cache
@@ -32,10 +31,9 @@ def hf_tokenizer() -> Any:
 
 
 @pytest.fixture(scope="module")
-def real_docs(docs_samples: Path) -> list[SourceDocument]:
+def real_docs() -> list[SourceDocument]:
     """A long PDF (R-intro, pages) and a long HTML page (sections), loaded once."""
-    paths = [docs_samples / "pdf" / "R-intro.pdf", docs_samples / "html" / "datetime.html"]
-    return [doc for path in paths for doc in load_file(path)]
+    return [*load_sample("pdf/R-intro.pdf"), *load_sample("html/datetime.html")]
 
 
 def n_tokens(tokenizer: Any, text: str) -> int:

@@ -20,7 +20,7 @@ from retrieval.loaders import (
     load_file_isolated,
 )
 from retrieval.types import LoaderError
-from tests.retrieval.conftest import encrypt_pdf, make_docx, make_pdf
+from tests.retrieval.conftest import encrypt_pdf, load_sample, make_docx, make_pdf
 
 Write = Callable[[str, bytes | str], Path]
 NAV_TEXT = ("Previous topic", "Next topic", "Quick search", "This Page", "Show Source", "¶")
@@ -401,14 +401,14 @@ def test_iter_files_expands_sorted_and_skips_hidden(write: Write, tmp_path: Path
 
 def test_pdf_samples_page_counts_match_pypdf(docs_samples: Path) -> None:
     for path in sorted((docs_samples / "pdf").glob("*.pdf")):
-        [doc] = load_file(path)
+        [doc] = load_sample(f"pdf/{path.name}")
         pages = len(pypdf.PdfReader(path).pages)
         assert doc.metadata["pages"] == pages
         numbers = [b.page for b in doc.blocks]
         assert numbers == sorted(set(numbers))
         assert all(n is not None and 1 <= n <= pages for n in numbers)
         assert len(doc.blocks) >= pages * 0.8, path.name
-    [intro] = load_file(docs_samples / "pdf" / "R-intro.pdf")
+    [intro] = load_sample("pdf/R-intro.pdf")
     assert len(intro.blocks) > 50
     assert "An Introduction to R" in intro.text
 
@@ -417,8 +417,7 @@ def test_pdf_samples_page_counts_match_pypdf(docs_samples: Path) -> None:
 
 
 def test_isolated_matches_in_process(docs_samples: Path, tmp_path: Path) -> None:
-    path = docs_samples / "html" / "json.html"
-    assert load_file_isolated(path) == load_file(path)
+    assert load_file_isolated(docs_samples / "html" / "json.html") == load_sample("html/json.html")
     docx_path = make_docx(tmp_path / "guide.docx")
     assert load_file_isolated(docx_path) == load_file(docx_path)
 
