@@ -39,7 +39,12 @@ def load_pdf(
             a stream that decompresses past the cap, or no extractable text.
     """
     import pypdf
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+    from pypdf.errors import (
+        DependencyError,
+        FileNotDecryptedError,
+        LimitReachedError,
+        PdfReadError,
+    )
 
     if b"%PDF-" not in data[:1024]:
         raise LoaderError(f"{source}: not a valid PDF (no %PDF- header)")
@@ -70,6 +75,11 @@ def load_pdf(
             title = _title(reader) or path.name
     except LoaderError:
         raise
+    except LimitReachedError as exc:
+        raise LoaderError(
+            f"{source}: PDF data decompresses past the limit of {stream_cap} bytes "
+            "(decompression bomb?)"
+        ) from exc
     except FileNotDecryptedError as exc:
         raise LoaderError(f"{source}: PDF is encrypted and needs a password") from exc
     except DependencyError as exc:

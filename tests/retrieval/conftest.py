@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,10 +25,11 @@ def _pdf_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
-def make_pdf(pages: list[str], title: str | None = None) -> bytes:
+def make_pdf(pages: list[str], title: str | None = None, *, compress: bool = False) -> bytes:
     """A valid PDF with one page per string (lines split on newlines), Helvetica 12pt.
 
-    An empty string makes a page with no text at all.
+    An empty string makes a page with no text at all; ``compress`` stores the page
+    contents FlateDecode-compressed, as most real PDFs do.
     """
     n = len(pages)
     page_ids = [4 + 2 * i for i in range(n)]
@@ -45,8 +47,11 @@ def make_pdf(pages: list[str], title: str | None = None) -> bytes:
             b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
             b"/Resources << /Font << /F1 3 0 R >> >> /Contents %d 0 R >>" % content_ids[i]
         )
+        flate = b""
+        if compress:
+            stream, flate = zlib.compress(stream, 9), b" /Filter /FlateDecode"
         objects[content_ids[i]] = (
-            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream"
+            b"<< /Length %d%s >>\nstream\n" % (len(stream), flate) + stream + b"\nendstream"
         )
     info_id = None
     if title is not None:

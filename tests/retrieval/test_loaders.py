@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def test_pdf_page_limit(write: Write) -> None:
     path = write("long.pdf", make_pdf(["a", "b", "c"]))
     with pytest.raises(LoaderError, match="3 pages, over the limit of 2"):
         load_file(path, limits=LoaderLimits(max_pdf_pages=2))
+
+
+def test_pdf_decompression_is_capped(write: Write) -> None:
+    # 3 KB on disk, 1.5 MB of page content once inflated
+    path = write("zbomb.pdf", make_pdf(["fine page", "bomb " * 300_000], compress=True))
+    assert path.stat().st_size < 10_000
+    [doc] = load_file(path)
+    assert doc.blocks[1].text.count("bomb") == 300_000
+    with pytest.raises(LoaderError, match=r"zbomb\.pdf: PDF data decompresses past the limit"):
+        load_file(path, limits=LoaderLimits(max_decompressed_bytes=1024 * 1024))
 
 
 def test_pdf_extracted_text_is_capped(write: Write) -> None:
@@ -270,6 +281,12 @@ def test_text_encodings_utf8_utf16_cp1252(write: Write) -> None:
         [doc] = load_file(write(name, data))
         assert doc.blocks[0].text == expected.strip(), name
         assert doc.title == name
+
+
+def test_binary_data_in_markup_files(write: Write) -> None:
+    for name in ("page.html", "notes.md", "guide.rst", "rows.csv", "rows.jsonl"):
+        with pytest.raises(LoaderError, match=rf"{re.escape(name)}: binary data"):
+            load_file(write(name, b"\x00\x01\x02binary\x00" * 20))
 
 
 def test_binary_data_with_text_extension(write: Write) -> None:
