@@ -34,6 +34,7 @@ from typing import Literal
 
 from langchain_core.retrievers import BaseRetriever
 
+from agents.errors import AgentError
 from agents.events import CitationsEvent, DoneEvent, TokenEvent
 from agents.prompts import (
     NO_DOCUMENTS_MESSAGE,
@@ -119,7 +120,15 @@ class RagConfig:
 
 @dataclass(slots=True)
 class RagTimings:
-    """Milliseconds spent: rewrite, retrieval, first answer token, and the whole question."""
+    """Milliseconds spent on one question.
+
+    Attributes:
+        rewrite_ms: The follow-up rewrite call (0 when there was none).
+        retrieval_ms: The retriever call.
+        ttft_ms: From the start of the question to the first answer token (what a
+            user waits); None when refused or nothing was generated.
+        total_ms: The whole question.
+    """
 
     rewrite_ms: float = 0.0
     retrieval_ms: float = 0.0
@@ -186,7 +195,7 @@ class RagAnswerer:
             if isinstance(event, DoneEvent):
                 result = event.answer
         if result is None:  # stream() always ends with DoneEvent
-            raise RuntimeError("the RAG stream ended without a DoneEvent")
+            raise AgentError("the RAG stream ended without a DoneEvent")
         return result
 
     async def stream(
