@@ -49,6 +49,7 @@ LOWER_IS_BETTER = frozenset(
         "refusal_rate",
         "judge_unparseable",
         "label_unparsed_rate",
+        "num_errors",
     }
 )
 """Metric names where a smaller value is better (for best-value marking and gates)."""

@@ -31,7 +31,9 @@ def _bar_columns(result: RunResult) -> list[str]:
     columns = metric_columns(result.configs)
     keep = []
     for column in columns:
-        if column in LOWER_IS_BETTER and column != "refusal_rate":
+        if column in LOWER_IS_BETTER and not column.endswith("_rate"):
+            continue
+        if column.startswith("num_") or column.startswith("judge_"):
             continue
         values = [c.metrics.get(column) for c in result.configs]
         if all(v is not None and 0.0 <= v <= 1.0 for v in values):
