@@ -184,9 +184,9 @@ async def _run(
             max_tool_output_chars=config.max_tool_output_chars,
             require_tool_first=True,
         )
+        # the backend's default sampling: tool calls are grammar-constrained there
         model = ChatBackendModel(
-            backend=backend,
-            sampling=SamplingOptions(temperature=0.0, max_tokens=config.max_answer_tokens),
+            backend=backend, sampling=SamplingOptions(max_tokens=config.max_answer_tokens)
         )
         events = ToolAgent(model, registry, profile).stream(question)
 
