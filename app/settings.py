@@ -89,6 +89,34 @@ class LLMSettings(BaseModel):
     )
 
 
+class ApiSettings(BaseModel):
+    """The REST API service (``ragloom serve``): access, limits and storage."""
+
+    auth: Literal["on", "off"] = Field(
+        default="on",
+        description="on: every route but /health needs an API key; off: single-user "
+        "local mode (tenant 'local'), refused on a non-loopback address.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL for sessions, keys and jobs; default "
+        "sqlite in the data folder (api.sqlite). A postgresql:// URL works the same.",
+    )
+    max_message_chars: int = Field(default=8000, ge=1)
+    max_body_kb: int = Field(default=1024, ge=1, description="JSON request bodies.")
+    max_upload_mb: float = Field(default=50.0, gt=0, description="Per uploaded file.")
+    max_upload_files: int = Field(default=20, ge=1)
+    rate_limit_per_minute: int = Field(default=120, ge=1, description="Requests per API key.")
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    backend_timeout_s: float = Field(
+        default=2.0, gt=0, description="Health probe of the LLM backend (/ready, 503s)."
+    )
+    agent_tools: list[str] = Field(
+        default_factory=lambda: ["knowledge_base_search", "calculator", "current_datetime"],
+        description="Tools the agent profile may call (add web_search to allow the web).",
+    )
+
+
 class Settings(BaseSettings):
     """All of ragloom's configuration, from ``RAGLOOM_*`` environment variables."""
 
@@ -104,6 +132,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
 
 @lru_cache
