@@ -177,7 +177,7 @@ def judge_prompt(question: str, answer: str, contexts: Sequence[str]) -> str:
     """The user message asking the judge to grade ``answer`` against ``contexts``."""
     numbered = "\n\n".join(f"[{i}] {c.strip()}" for i, c in enumerate(contexts, start=1))
     return (
-        f"CONTEXT:\n{numbered or '(none)'}\n\nQUESTION: {question.strip()}\n\n"
+        f"QUESTION: {question.strip()}\n\nCONTEXT:\n{numbered or '(none)'}\n\n"
         f"ANSWER: {answer.strip()}\n\nGrade the answer's faithfulness to the context "
         "from 1 to 5 as JSON."
     )

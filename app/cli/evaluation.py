@@ -153,6 +153,141 @@ def retrieval_command(
     _apply_gates(result, fail_below)
 
 
+EVAL_AGENT_TOOLS = ["knowledge_base_search", "calculator"]
+"""Tools of the agent under evaluation: no web search, so runs are reproducible and local."""
+
+
+def _answer_fn(mode: str, retriever: Any, backend: Any, settings: Settings) -> Any:
+    """The RAG answerer or the agent over a recording wrapper of ``retriever``."""
+    from agents import AgentProfile, RagAnswerer, RagConfig, ToolAgent, default_registry
+    from eval.answer_runner import agent_answer_fn, rag_answer_fn, recording_retriever
+    from llm_backend import ChatBackendModel, SamplingOptions
+
+    config = settings.agent
+    recorder = recording_retriever(retriever)
+    if mode == "rag":
+        rag = RagAnswerer(
+            recorder,
+            backend,
+            RagConfig(
+                k=retriever.k,
+                min_score=config.min_score,
+                on_low_score=config.on_low_score,
+                max_answer_tokens=config.max_answer_tokens,
+            ),
+        )
+        return rag_answer_fn(rag, recorder)
+    profile = AgentProfile(
+        name="eval",
+        tools=EVAL_AGENT_TOOLS,
+        max_steps=config.max_steps,
+        tool_timeout_s=config.tool_timeout_s,
+        max_tool_output_chars=config.max_tool_output_chars,
+        require_tool_first=True,
+    )
+    model = ChatBackendModel(
+        backend=backend,
+        sampling=SamplingOptions(temperature=0.0, max_tokens=config.max_answer_tokens),
+    )
+    agent = ToolAgent(model, default_registry(recorder), profile)
+    return agent_answer_fn(agent, recorder)
+
+
+@eval_app.command("answers")
+def answers_command(
+    qa: Path = typer.Option(
+        ..., "--qa", help="JSONL of questions with references/labels/gold ids."
+    ),
+    collection: str = typer.Option(..., "--collection", "-c", help="Collection to answer from."),
+    out: Path = typer.Option(..., "--out", help="Output folder of the run."),
+    mode: str = typer.Option("rag", "--mode", help="rag | agent"),
+    name: str | None = typer.Option(None, "--name", help="Configuration name (default: mode)."),
+    backend: str | None = typer.Option(
+        None, "--backend", help="engine | openai (default: settings)."
+    ),
+    base_url: str | None = typer.Option(None, "--base-url", help="OpenAI-compatible server URL."),
+    model: str | None = typer.Option(
+        None, "--model", help="Served model name or GGUF/registry name."
+    ),
+    k: int | None = typer.Option(None, "-k", help="Chunks to retrieve (default: settings)."),
+    retrieval: str = typer.Option("hybrid", "--retrieval", help="bm25 | dense | hybrid"),
+    judge: bool = typer.Option(False, "--judge/--no-judge", help="Grade faithfulness with an LLM."),
+    judge_base_url: str | None = typer.Option(
+        None, "--judge-base-url", help="Judge's OpenAI-compatible URL (default: the answerer's)."
+    ),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Judge's model."),
+    max_questions: int | None = typer.Option(
+        None, "--max-questions", help="Answer only the first N questions."
+    ),
+    fail_below: list[str] = typer.Option(
+        [], "--fail-below", help="Gate METRIC=VALUE, e.g. label_accuracy=0.55 (repeatable)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Answer every question with the RAG answerer or the agent and score the answers."""
+    from app.cli.ask import build_backend, open_retriever
+    from eval.answer_runner import AnswerEvalRunner, load_qa
+    from eval.errors import EvalError
+    from eval.report import write_report
+    from llm_backend.errors import BackendError
+    from retrieval import RetrievalError
+
+    if mode not in ("rag", "agent"):
+        fail(f"--mode must be rag or agent, got {mode!r}")
+    if retrieval not in ("bm25", "dense", "hybrid"):
+        fail(f"--retrieval must be bm25, dense or hybrid, got {retrieval!r}")
+    _check_gate_syntax(fail_below)
+    settings = _settings()
+    top_k = settings.agent.k if k is None else k
+    if top_k < 1:
+        fail(f"-k must be >= 1, got {top_k}")
+    try:
+        items = load_qa(qa)
+        retriever = open_retriever(settings, collection, top_k, retrieval)
+    except (EvalError, RetrievalError) as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(f"cannot open collection {collection!r}: {exc}")
+    kind = backend or settings.agent.backend
+    if kind not in ("engine", "openai"):
+        fail(f"--backend must be engine or openai, got {kind!r}")
+    try:
+        chat = build_backend(settings, kind, base_url, model)
+        grader = None
+        if judge:
+            if judge_base_url or judge_model:
+                grader = build_backend(
+                    settings,
+                    "openai" if judge_base_url else kind,
+                    judge_base_url or base_url,
+                    judge_model or model,
+                )
+            else:
+                grader = chat
+    except Exception as exc:  # any backend construction failure becomes one line
+        fail(f"cannot start the {kind} backend: {exc}")
+    spec = {"mode": mode, "retrieval": retrieval, "k": top_k, "backend": kind}
+    if model:
+        spec["model"] = model
+    try:
+        runner = AnswerEvalRunner(
+            items,
+            _answer_fn(mode, retriever, chat, settings),
+            name=name or mode,
+            spec=spec,
+            judge=grader,
+            max_items=max_questions,
+        )
+        with _progress_bars(progress) as callback:
+            result = runner.run(progress=callback)
+        result.info.update(qa=str(qa), collection=collection)
+        write_report(result, out)
+    except (EvalError, BackendError, RetrievalError) as exc:
+        fail(str(exc))
+    _summary(result, out)
+    _apply_gates(result, fail_below)
+
+
 @eval_app.command("compare")
 def compare_command(
     run_a: Path = typer.Argument(..., help="Run folder A (the reference)."),

@@ -180,3 +180,67 @@ def test_real_pubmedqa_file_loads() -> None:
     assert (labels.count("yes"), labels.count("no"), labels.count("maybe")) == (276, 169, 55)
     assert all(i.gold_doc_ids == [i.qid] and i.references for i in items)
     assert all(re.fullmatch(r"\d+", i.qid) for i in items)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cli_answers_against_loopback_openai_server(
+    collection: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ragloom eval answers`` end to end: real retriever, real OpenAI client over HTTP.
+
+    The loopback server echoes the prompt back, so the "answer" cites every source
+    number it was shown: with k=2 that is the question's own context plus one other.
+    """
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from tests.llm_backend.wire_server import MODEL, ServerThread, WireState, build_app
+
+    qa, data_dir = collection
+    monkeypatch.setenv("RAGLOOM_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("RAGLOOM_AGENT__MIN_SCORE", "0")
+    out = tmp_path / "answers"
+    state = WireState()
+    with ServerThread(build_app(state)) as server:
+        url = f"http://127.0.0.1:{server.port}/v1"
+        args = ["eval", "answers", "--qa", str(qa), "--collection", "pubmed-mini"]
+        args += ["--mode", "rag", "--out", str(out), "--backend", "openai", "--base-url", url]
+        args += ["--model", MODEL, "-k", "2", "--no-progress", "--judge"]
+        result = CliRunner().invoke(app, [*args, "--fail-below", "gold_hit_rate=1.0"])
+        assert result.exit_code == 0, result.stderr
+        gated = CliRunner().invoke(app, [*args, "--fail-below", "label_accuracy=0.99"])
+    assert gated.exit_code == 3 and "gate failed: rag: label_accuracy" in gated.stderr
+
+    metrics = json.loads((out / "metrics.json").read_text())["rag"]
+    assert metrics["num_questions"] == 3 and metrics["num_errors"] == 0
+    assert metrics["gold_hit_rate"] == 1.0
+    assert metrics["citation_recall"] == 1.0
+    assert metrics["citation_precision"] == pytest.approx(0.5)
+    # the judge (the same echo server) never gives a score: every verdict is unparseable
+    assert metrics["judge_unparseable"] == 3 and "faithfulness" not in metrics
+    rows = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+    assert all(r["judge_raw"].startswith("echo: QUESTION: ") for r in rows)
+    assert (out / "report.md").is_file() and (out / "metrics.png").is_file()
+    # 3 answers + 3 judge calls per run, two runs
+    assert len(state.requests) == 12
+
+    bad = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "answers",
+            "--qa",
+            str(tmp_path / "none.jsonl"),
+            "-c",
+            "pubmed-mini",
+            "--out",
+            str(out),
+        ],
+    )
+    assert bad.exit_code == 1 and "none.jsonl: file not found" in bad.stderr
+    missing = CliRunner().invoke(
+        app,
+        ["eval", "answers", "--qa", str(qa), "-c", "no-such-collection", "--out", str(out)],
+    )
+    assert missing.exit_code == 1 and "no-such-collection" in missing.stderr
