@@ -20,7 +20,9 @@ import torch
 from llm_backend.engine.loader import LoadedModel, load_model
 from llm_backend.engine.registry import pull_model
 
-torch.set_num_threads(2)
+# One intra-op thread: the 2-core machine is shared, and OpenMP workers spin-waiting for a
+# descheduled sibling made tests 5-10x slower under load. Speed lives in benchmarks/.
+torch.set_num_threads(1)
 
 
 def _models_dir() -> Path:
