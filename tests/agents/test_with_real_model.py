@@ -56,36 +56,27 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engine_url() -> Iterator[str]:
-    """``ragloom engine serve`` on a free loopback port, stopped after the module."""
+def engine_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``ragloom engine serve`` starting on a free loopback port, stopped after the module.
+
+    Requested before the collection fixture, so the model loads while the
+    collection is being built; ``engine_url`` then waits until it answers.
+    fp32 weights: they load fastest, and the agents layer does not care.
+    """
     path = _model_path()
     port = _free_port()
     ragloom = Path(sys.executable).with_name("ragloom")
     command = [str(ragloom), "engine", "serve", "--model", str(path), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--max-batch", "2", "--max-seq-len", "2048"]
-    command += ["--served-model-name", MODEL]
+    command += ["--served-model-name", MODEL, "--quant", "fp32"]
     server = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                err = server.stderr.read().decode() if server.stderr else ""
-                pytest.fail(f"engine server exited with {server.returncode}: {err[-2000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("engine server did not answer within 120 s")
-            time.sleep(0.5)
-        yield url
+        yield server, f"http://127.0.0.1:{port}/v1"
     finally:
         server.terminate()
         try:
@@ -95,8 +86,29 @@ def engine_url() -> Iterator[str]:
             server.wait()
 
 
+@pytest.fixture(scope="module")
+def engine_url(
+    engine_server: tuple[subprocess.Popen[bytes], str], helpcentre_data_dir: Path
+) -> str:
+    """The server's URL once it answers ``/v1/models``."""
+    server, url = engine_server
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None:
+            err = server.stderr.read().decode() if server.stderr else ""
+            pytest.fail(f"engine server exited with {server.returncode}: {err[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                return url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail("engine server did not answer within 120 s")
+        time.sleep(0.5)
+
+
 async def test_rag_answer_over_http_with_valid_citation_mapping(
-    engine_url: str, helpcentre_data_dir: Path
+    engine_server: object, helpcentre_data_dir: Path, engine_url: str
 ) -> None:
     backend = OpenAICompatBackend(engine_url, MODEL, context_window=2048)
     answerer = RagAnswerer(
@@ -120,7 +132,7 @@ async def test_rag_answer_over_http_with_valid_citation_mapping(
 
 
 async def test_agent_makes_a_valid_tool_call_over_http(
-    engine_url: str, helpcentre_data_dir: Path
+    engine_server: object, helpcentre_data_dir: Path, engine_url: str
 ) -> None:
     backend = OpenAICompatBackend(engine_url, MODEL, context_window=2048)
     registry = default_registry(open_retriever(helpcentre_data_dir, k=2))
