@@ -11,6 +11,22 @@ layers above handle one small set:
 
 from __future__ import annotations
 
+import re
+
+# vLLM and our engine: "This model's maximum context length is 2048 tokens. However, you
+# requested 2100 tokens (2000 in the messages, 100 in the completion)." / "...However,
+# your prompt has 3031 tokens."
+_LIMIT = re.compile(r"maximum context length is (\d+)", re.IGNORECASE)
+_PROMPT = re.compile(
+    r"\((\d+) in the (?:messages|prompt)|prompt (?:contains|has) (\d+)", re.IGNORECASE
+)
+
+
+def _first_int(match: re.Match[str] | None) -> int | None:
+    if match is None:
+        return None
+    return next((int(group) for group in match.groups() if group), None)
+
 
 class BackendError(Exception):
     """Base class of every llm_backend error."""
@@ -53,6 +69,12 @@ class ContextTooLong(BackendError):
         if detail:
             message += f" ({detail})"
         super().__init__(message)
+
+    @classmethod
+    def from_server_message(cls, detail: str, default_limit: int | None) -> ContextTooLong:
+        """Read the prompt size and limit out of a server's context-length error message."""
+        limit = _first_int(_LIMIT.search(detail))
+        return cls(_first_int(_PROMPT.search(detail)), limit or default_limit, detail)
 
 
 class BadRequest(BackendError):

@@ -35,16 +35,13 @@ from llm_backend.types import (
 
 logger = logging.getLogger(__name__)
 
-# vLLM: "This model's maximum context length is 2048 tokens. However, you requested
-# 2100 tokens (2000 in the messages, 100 in the completion)."; OpenAI:
+# vLLM and our engine: "This model's maximum context length is ..."; OpenAI:
 # "context_length_exceeded"; llama.cpp: "exceeds the available context size".
 _CONTEXT_PATTERNS = re.compile(
     r"context[ _]length|context[ _]window|maximum context|context size|too many tokens"
     r"|prompt is too long",
     re.IGNORECASE,
 )
-_VLLM_LIMIT = re.compile(r"maximum context length is (\d+)", re.IGNORECASE)
-_VLLM_PROMPT = re.compile(r"\((\d+) in the messages|prompt contains (\d+)", re.IGNORECASE)
 _FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
@@ -212,9 +209,7 @@ class OpenAICompatBackend:
             detail = _error_detail(exc)
             status = exc.status_code
             if status in (400, 413, 422) and _CONTEXT_PATTERNS.search(detail):
-                limit = _first_int(_VLLM_LIMIT.search(detail))
-                prompt = _first_int(_VLLM_PROMPT.search(detail))
-                return ContextTooLong(prompt, limit or self.context_window, detail)
+                return ContextTooLong.from_server_message(detail, self.context_window)
             if status in (502, 503, 504):
                 return BackendUnavailable(self.name, self.base_url, f"HTTP {status}: {detail}")
             if 400 <= status < 500:
@@ -328,12 +323,6 @@ def _error_detail(exc: openai.APIStatusError) -> str:
         if isinstance(body.get("message"), str):
             return str(body["message"])
     return exc.message
-
-
-def _first_int(match: re.Match[str] | None) -> int | None:
-    if match is None:
-        return None
-    return next((int(group) for group in match.groups() if group), None)
 
 
 def _finish_reason(raw: str | None, has_tool_calls: bool) -> FinishReason:

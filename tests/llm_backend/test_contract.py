@@ -18,6 +18,7 @@ from llm_backend import (
     ScriptedBackend,
     ToolCall,
 )
+from tests.llm_backend.conftest import ENGINE_MODEL
 from tests.llm_backend.wire_server import MODEL
 
 LOOKUP_TOOL = {
@@ -82,13 +83,34 @@ def openai_compat_case(request: pytest.FixtureRequest) -> Case:
     return Case(OpenAICompatBackend(base_url, MODEL, read_timeout=30))
 
 
+def local_engine_case(request: pytest.FixtureRequest) -> Case:
+    """Our engine in-process on the real SmolLM2 model."""
+    return Case(request.getfixturevalue("local_engine"))
+
+
+def engine_server_case(request: pytest.FixtureRequest) -> Case:
+    """The OpenAI client against our engine's real server on loopback."""
+    base_url = request.getfixturevalue("engine_server")
+    return Case(OpenAICompatBackend(base_url, ENGINE_MODEL, read_timeout=120))
+
+
 CASES: dict[str, Factory] = {
     "scripted": scripted_case,
     "openai-compat-loopback": openai_compat_case,
+    "local-engine": local_engine_case,
+    "openai-compat-engine-server": engine_server_case,
 }
+SLOW_CASES = {"local-engine", "openai-compat-engine-server"}
 
 
-@pytest.fixture(params=sorted(CASES), ids=sorted(CASES))
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=[pytest.mark.slow, pytest.mark.integration])
+        if name in SLOW_CASES
+        else name
+        for name in sorted(CASES)
+    ]
+)
 def case(request: pytest.FixtureRequest) -> Case:
     return CASES[request.param](request)
 
