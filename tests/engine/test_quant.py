@@ -1,0 +1,130 @@
+"""Weight-only int8 / int4 quantization: layer-level math and end-to-end quality on SmolLM2."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from llm_backend.engine.errors import EngineError
+from llm_backend.engine.loader import LoadedModel, load_model
+from llm_backend.engine.quantize import (
+    Int4Linear,
+    Int8Linear,
+    quantize_int4_grouped,
+    quantize_int8_per_channel,
+    quantize_model,
+)
+
+TEXT_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "docs-samples" / "rst"
+TEXT_TOKENS = 1000
+
+
+def test_int8_linear_matches_its_dequantized_weight() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96, bias=True).requires_grad_(False)
+    q, scales = quantize_int8_per_channel(linear.weight)
+    assert q.dtype == torch.int8 and scales.shape == (96,)
+    # Per-channel rounding error is at most half a step.
+    error = (q.float() * scales[:, None] - linear.weight).abs()
+    assert bool((error <= scales[:, None] / 2 + 1e-6).all())
+    layer = Int8Linear(linear)
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    expected = x.float() @ (q.float() * layer.scales.float()[:, None]).T + linear.bias
+    out = layer(x)
+    assert out.shape == (3, 5, 96) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
+    group_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llm_backend.engine.quantize as quantize_module
+
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 64, bias=False).requires_grad_(False)
+    q, scales, zeros = quantize_int4_grouped(linear.weight, group_size)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    groups = q.reshape(64, -1, group_size).float()
+    dequant = ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(64, 128)
+    assert float((dequant - linear.weight).abs().max()) <= float(scales.max()) / 2 + 1e-5
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    expected = x.float() @ dequant.T
+    fast = Int4Linear(linear, group_size)
+    assert fast.use_kernel == quantize_module._HAS_INT4_CPU_KERNEL
+    torch.testing.assert_close(fast(x).float(), expected, atol=0.05, rtol=0.02)
+    monkeypatch.setattr(quantize_module, "_HAS_INT4_CPU_KERNEL", False)
+    slow = Int4Linear(linear, group_size)
+    assert not slow.use_kernel
+    torch.testing.assert_close(slow(x).float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_quantize_model_swaps_linears_and_keeps_embeddings() -> None:
+    model = nn.Sequential(nn.Embedding(10, 32), nn.Linear(32, 32), nn.Sequential(nn.Linear(32, 8)))
+    quantize_model(model, "int8")
+    assert isinstance(model[0], nn.Embedding)
+    assert isinstance(model[1], Int8Linear) and isinstance(model[2][0], Int8Linear)
+    with pytest.raises(EngineError, match="int8' or 'int4', got 'int3'"):
+        quantize_model(model, "int3")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- real model quality
+
+
+def _real_text_ids(loaded: LoadedModel) -> list[int]:
+    text = (TEXT_FILE / "json.rst.txt").read_text(encoding="utf-8")
+    ids = loaded.tokenizer.encode(text)
+    assert len(ids) >= TEXT_TOKENS
+    return ids[:TEXT_TOKENS]
+
+
+def _score_text(loaded: LoadedModel, ids: list[int]) -> tuple[float, torch.Tensor]:
+    """Perplexity of ``ids`` (teacher forcing) and the argmax prediction at each position."""
+    with torch.inference_mode():
+        logits = loaded.model(
+            torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([0]), kv_len=len(ids)
+        )[0]  # (T, V)
+    log_probs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = torch.tensor(ids[1:])
+    nll = -log_probs.gather(1, targets[:, None]).mean().item()
+    return math.exp(nll), logits[:-1].argmax(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(smollm2_fp32: LoadedModel) -> tuple[list[int], float, torch.Tensor]:
+    ids = _real_text_ids(smollm2_fp32)
+    ppl, argmax = _score_text(smollm2_fp32, ids)
+    return ids, ppl, argmax
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_int8_matches_fp32_quality_on_real_text(
+    smollm2_int8: LoadedModel, fp32_reference: tuple[list[int], float, torch.Tensor]
+) -> None:
+    ids, fp32_ppl, fp32_argmax = fp32_reference
+    assert 1.5 < fp32_ppl < 60, f"fp32 perplexity {fp32_ppl} is implausible for docs text"
+    int8_ppl, int8_argmax = _score_text(smollm2_int8, ids)
+    agreement = (int8_argmax == fp32_argmax).float().mean().item()
+    assert agreement >= 0.95, f"int8 greedy agreement {agreement:.3f} < 0.95"
+    assert abs(int8_ppl / fp32_ppl - 1) <= 0.02, f"int8 ppl {int8_ppl:.3f} vs fp32 {fp32_ppl:.3f}"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_int4_and_bf16_stay_close_to_fp32_on_real_text(
+    smollm2_gguf_path: Path, fp32_reference: tuple[list[int], float, torch.Tensor]
+) -> None:
+    ids, fp32_ppl, fp32_argmax = fp32_reference
+    # (quant, max relative perplexity change, min greedy agreement)
+    for quant, max_ppl_change, min_agreement in (("bf16", 0.02, 0.95), ("int4", 0.15, 0.80)):
+        loaded = load_model(smollm2_gguf_path, quant=quant, max_batch=1, max_seq_len=1024)
+        ppl, argmax = _score_text(loaded, ids)
+        agreement = (argmax == fp32_argmax).float().mean().item()
+        assert agreement >= min_agreement, f"{quant} greedy agreement {agreement:.3f}"
+        assert abs(ppl / fp32_ppl - 1) <= max_ppl_change, f"{quant} ppl {ppl:.3f} vs {fp32_ppl:.3f}"
+        del loaded
