@@ -244,3 +244,36 @@ def test_cli_answers_against_loopback_openai_server(
         ["eval", "answers", "--qa", str(qa), "-c", "no-such-collection", "--out", str(out)],
     )
     assert missing.exit_code == 1 and "no-such-collection" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_agent_mode_citations_map_to_gold_ids(collection: tuple[Path, Path]) -> None:
+    """The agent adapter: knowledge-base hits are recorded, citations scored against gold ids."""
+    from agents import AgentProfile, ToolAgent, default_registry
+    from eval.answer_runner import agent_answer_fn
+    from llm_backend import ChatBackendModel, ChatResponse, ToolCall
+    from llm_backend.scripted import ScriptedBackend
+    from retrieval import HybridRetriever
+
+    qa, data_dir = collection
+    items = [i for i in load_qa(qa) if i.qid == "101"]
+    recorder = recording_retriever(HybridRetriever.from_data_dir(data_dir, "pubmed-mini", k=2))
+    backend = ScriptedBackend(
+        [
+            ChatResponse(
+                "",
+                [ToolCall("c1", "knowledge_base_search", '{"query": "aspirin colorectal cancer"}')],
+                "tool_calls",
+            ),
+            ChatResponse("Yes, regular aspirin use lowers the risk [1]."),
+        ]
+    )
+    profile = AgentProfile("eval", tools=["knowledge_base_search"], max_steps=3)
+    agent = ToolAgent(ChatBackendModel(backend=backend), default_registry(recorder), profile)
+    result = AnswerEvalRunner(items, agent_answer_fn(agent, recorder), name="agent").run()
+    row = result.configs[0].per_query[0]
+    assert row["predicted_label"] == "yes" and row["label_correct"] == 1.0
+    assert row["citation_precision"] == 1.0 and row["citation_recall"] == 1.0
+    assert row["gold_retrieved"] == 1.0
+    assert result.metrics["agent"]["refusal_rate"] == 0.0
