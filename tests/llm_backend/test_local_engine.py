@@ -143,3 +143,42 @@ async def test_in_process_and_over_http_give_the_same_answer(
     with pytest.raises(ContextTooLong) as info:
         await remote.chat(ChatRequest([ChatMessage.user("word " * 3000)], sampling=GREEDY))
     assert info.value.limit == ENGINE_CONTEXT and info.value.prompt_tokens is not None
+
+
+async def test_langchain_model_and_agent_over_the_real_engine(
+    local_engine: LocalEngineBackend,
+) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    from llm_backend import ChatBackendModel
+
+    looked_up: list[str] = []
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look a word up in the dictionary."""
+        looked_up.append(query)
+        return f"{query}: a kind of fruit."
+
+    model = ChatBackendModel(
+        backend=local_engine, sampling=SamplingOptions(temperature=0, max_tokens=48)
+    )
+    forced = await model.bind_tools([lookup], tool_choice="lookup").ainvoke(
+        "Look up the word 'apple'."
+    )
+    assert isinstance(forced, AIMessage) and forced.invalid_tool_calls == []
+    [call] = forced.tool_calls
+    assert call["name"] == "lookup" and isinstance(call["args"]["query"], str)
+
+    agent = create_agent(model, tools=[lookup], system_prompt="Use tools when helpful.")
+    result = await agent.ainvoke({"messages": [("user", "Look up the word 'apple'.")]})
+    messages = result["messages"]
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    tool_results = [m for m in messages if isinstance(m, ToolMessage)]
+    # whatever the small model chose, every call it made ran and was answered
+    assert len(calls) == len(tool_results) == len(looked_up)
+    assert all(c["name"] == "lookup" for c in calls)
