@@ -1,10 +1,11 @@
-"""The RAG answerer and the agent on the real SmolLM2-135M through our engine's server.
+"""The RAG answerer and the agent on the real SmolLM2-135M through our engine.
 
-The engine server runs on 127.0.0.1 (a subprocess of ``ragloom engine serve``)
-and is reached with ``OpenAICompatBackend``. The tiny model's wording is not
-asserted; the structure is: an answer streams back, every citation maps to a
-source that was given, and with ``tool_choice="required"`` the first step is a
-call of an allowed tool whose arguments pass the tool's schema.
+Twice: in-process (``LocalEngineBackend``), and over HTTP to the engine server
+on 127.0.0.1 (a subprocess of ``ragloom engine serve``) with
+``OpenAICompatBackend``. The tiny model's wording is not asserted; the
+structure is: an answer streams back, every citation maps to a source that was
+given, and with ``tool_choice="required"`` the first step is a call of an
+allowed tool whose arguments pass the tool's schema.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agents import (
     ToolResultEvent,
     default_registry,
 )
-from llm_backend import ChatBackendModel, OpenAICompatBackend, SamplingOptions
+from llm_backend import ChatBackendModel, LocalEngineBackend, OpenAICompatBackend, SamplingOptions
 from tests.agents.collection import open_retriever
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -150,3 +151,47 @@ async def test_agent_makes_a_valid_tool_call_over_http(
     assert first.id in results  # it ran (or failed cleanly) and the result was streamed
     result = events[-1].answer
     assert result.tool_calls[0].name == first.name and result.steps <= 2
+
+
+@pytest.fixture(scope="module")
+def local_backend() -> Iterator[LocalEngineBackend]:
+    """Our engine in this process on the real model (fp32 loads fastest), stopped after."""
+    backend = LocalEngineBackend.from_model_path(
+        _model_path(), model_name=MODEL, quant="fp32", max_batch=1, max_seq_len=2048
+    )
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+async def test_rag_answer_in_process(
+    local_backend: LocalEngineBackend, helpcentre_data_dir: Path
+) -> None:
+    answerer = RagAnswerer(
+        open_retriever(helpcentre_data_dir, k=3),
+        local_backend,
+        RagConfig(k=3, max_answer_tokens=40),
+    )
+    result = await answerer.answer("What does the router status light mean?")
+    assert not result.refused and result.answer.strip()
+    assert result.usage is not None and 0 < result.usage.completion_tokens <= 40
+    given = {s.number: s.doc_id for s in result.sources}
+    assert all(given.get(c.number) == c.doc_id for c in result.citations)
+
+
+async def test_agent_tool_call_in_process(
+    local_backend: LocalEngineBackend, helpcentre_data_dir: Path
+) -> None:
+    registry = default_registry(open_retriever(helpcentre_data_dir, k=2))
+    profile = AgentProfile(
+        "support", tools=["knowledge_base_search"], require_tool_first=True, max_steps=2
+    )
+    model = ChatBackendModel(backend=local_backend, sampling=SamplingOptions(max_tokens=48, seed=3))
+    result = await ToolAgent(model, registry, profile).run("How do I reset my router?")
+    assert result.tool_calls, "tool_choice=required must produce a tool call"
+    first = result.tool_calls[0]
+    assert first.name == "knowledge_base_search" and not first.error
+    assert isinstance(first.arguments.get("query"), str) and first.arguments["query"]
+    assert first.result is not None and first.result.startswith("[1] ")
+    assert result.sources and result.sources[0].number == 1
