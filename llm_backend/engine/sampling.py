@@ -217,22 +217,21 @@ def sample(
         threshold = probs.amax(dim=-1, keepdim=True) * params.min_p[:, None]  # (B, 1)
         scaled = scaled.masked_fill(probs < threshold, float("-inf"))
     if params.any_top_k or params.any_top_p:
-        sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)  # (B, V)
+        # Find each row's cutoff logit in sorted order, then mask in vocabulary order, so
+        # the noise race below is indexed by token id whatever the batch needs.
+        sorted_logits = scaled.sort(dim=-1, descending=True).values  # (B, V)
         ranks = torch.arange(scaled.shape[-1], device=scaled.device)  # (V,)
-        drop = ranks[None, :] >= params.top_k[:, None]  # (B, V) beyond top-k
+        keep = ranks[None, :] < params.top_k[:, None]  # (B, V) within top-k
         if params.any_top_p:
-            sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+            sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V)
-            drop = drop | (mass_before > params.top_p[:, None])  # keeps at least the top token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(sorted_logits, dim=-1)  # (B, V) in sorted order
-        noise = _exponential_noise(tuple(probs.shape), generators, probs.device)  # type: ignore[arg-type]
-        choice = (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1) sorted index
-        sampled = sorted_ids.gather(1, choice).squeeze(1)  # (B,)
-    else:
-        probs = torch.softmax(scaled, dim=-1)
-        noise = _exponential_noise(tuple(probs.shape), generators, probs.device)  # type: ignore[arg-type]
-        sampled = (probs / noise).argmax(dim=-1)  # (B,)
+            keep = keep & (mass_before <= params.top_p[:, None])  # keeps at least the top token
+        n_kept = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+        cutoff = sorted_logits.gather(1, n_kept - 1)  # (B, 1) smallest kept logit
+        scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))  # ties at the cutoff stay
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
+    noise = _exponential_noise((probs.shape[0], probs.shape[1]), generators, probs.device)
+    sampled = (probs / noise).argmax(dim=-1)  # (B,) exponential race
     tokens = torch.where(params.greedy, greedy_tokens, sampled)
     return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
 
