@@ -112,6 +112,9 @@ def retrieval_command(
     baseline: str | None = typer.Option(
         None, "--baseline", help="Configuration the report's deltas refer to (default: first)."
     ),
+    baseline_run: Path | None = typer.Option(
+        None, "--baseline-run", help="An earlier run folder: also write comparison.md against it."
+    ),
     fail_below: list[str] = typer.Option(
         [], "--fail-below", help="Gate [CONFIG:]METRIC=VALUE, e.g. ndcg@10=0.65 (repeatable)."
     ),
@@ -126,7 +129,8 @@ def retrieval_command(
     """Evaluate retriever configurations on a BEIR dataset and write a report folder."""
     from eval.configs import parse_config
     from eval.errors import EvalError
-    from eval.report import write_report
+    from eval.report import COMPARISON_FILE, render_comparison, write_report
+    from eval.results import load_run
     from eval.retrieval_runner import RetrievalEvalRunner
 
     _check_gate_syntax(fail_below)
@@ -144,12 +148,18 @@ def retrieval_command(
         runner = RetrievalEvalRunner(
             dataset, configs, cache, split=split, baseline=baseline, max_queries=max_queries
         )
+        previous = load_run(baseline_run) if baseline_run is not None else None
         with _progress_bars(progress) as callback:
             result = runner.run(progress=callback)
         write_report(result, out)
+        if previous is not None:
+            comparison = render_comparison(previous, result, str(baseline_run), str(out))
+            (out / COMPARISON_FILE).write_text(comparison, encoding="utf-8")
     except EvalError as exc:
         fail(str(exc))
     _summary(result, out)
+    if baseline_run is not None:
+        typer.echo(f"comparison with {baseline_run}: {out / COMPARISON_FILE}")
     _apply_gates(result, fail_below)
 
 

@@ -190,6 +190,14 @@ def test_cli_run_writes_folder_and_gates(
     assert code == 3
     assert "gate failed: hyb: map" in stderr and "gate failed: bm25: map" in stderr
 
+    code, _, stderr = _invoke(
+        *base, "--out", str(tmp_path / "r3"), "--baseline-run", str(out), "--max-queries", "3"
+    )
+    assert code == 0, stderr
+    comparison = (tmp_path / "r3" / "comparison.md").read_text()
+    assert "## `hyb`" in comparison and "of 3 queries" in comparison
+    assert json.loads((tmp_path / "r3" / "run.json").read_text())["info"]["queries"] == 3
+
     code, stdout, _ = _invoke("eval", "compare", str(out), str(tmp_path / "r2"))
     assert code == 0
     assert "## `hyb`" in stdout and "| ndcg@10 |" in stdout
