@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from langchain.agents import create_agent
@@ -250,8 +250,6 @@ class _AgentGuard(AgentMiddleware):
 
 
 def _with_number(source: Source, number: int) -> Source:
-    from dataclasses import replace
-
     return replace(source, number=number)
 
 
