@@ -46,7 +46,7 @@ from eval.answers import (
     parse_judge_score,
     token_f1,
 )
-from eval.dataset import _json_object, _lines, _require_file
+from eval.dataset import iter_lines, json_object, require_file
 from eval.errors import DatasetError, EvalError
 from eval.metrics import latency_summary
 from eval.results import ConfigResult, RunResult, check_config_name
@@ -102,11 +102,11 @@ def load_qa(path: Path) -> list[QAItem]:
             or a line with neither reference answer, label nor gold documents.
     """
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     items: list[QAItem] = []
     seen: set[str] = set()
-    for number, line in _lines(path):
-        record = _json_object(path, number, line)
+    for number, line in iter_lines(path):
+        record = json_object(path, number, line)
         raw_id = _first(record, ("id", "_id", "qid"))
         if raw_id is None or not str(raw_id).strip():
             raise DatasetError(path, "missing 'id'", number)

@@ -68,7 +68,7 @@ class BeirDataset:
         return digest.hexdigest()
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` for each non-blank line; CRLF and a BOM are fine."""
     try:
         # newline=None turns \r\n and \r into \n; utf-8-sig drops a byte-order mark.
@@ -81,7 +81,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DatasetError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
-def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
+def json_object(path: Path, number: int, line: str) -> dict[str, Any]:
+    """Parse one JSONL line that must hold an object; errors name the file and line."""
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -112,7 +113,8 @@ def _text_field(path: Path, number: int, record: dict[str, Any], key: str) -> st
     return value
 
 
-def _require_file(path: Path) -> Path:
+def require_file(path: Path) -> Path:
+    """Return ``path`` if it is a file, else raise DatasetError naming it."""
     if not path.is_file():
         raise DatasetError(path, "file not found")
     return path
@@ -125,10 +127,10 @@ def load_corpus(path: Path) -> Corpus:
         DatasetError: missing file, bad JSON, missing ``_id``, duplicate ``_id``,
             or a document with neither title nor text.
     """
-    _require_file(path)
+    require_file(path)
     corpus: Corpus = {}
-    for number, line in _lines(path):
-        record = _json_object(path, number, line)
+    for number, line in iter_lines(path):
+        record = json_object(path, number, line)
         doc_id = _string_id(path, number, record)
         if doc_id in corpus:
             raise DatasetError(path, f"duplicate document id {doc_id!r}", number)
@@ -149,10 +151,10 @@ def load_queries(path: Path) -> dict[str, str]:
         DatasetError: missing file, bad JSON, missing ``_id``, duplicate ``_id``,
             or an empty query text.
     """
-    _require_file(path)
+    require_file(path)
     queries: dict[str, str] = {}
-    for number, line in _lines(path):
-        record = _json_object(path, number, line)
+    for number, line in iter_lines(path):
+        record = json_object(path, number, line)
         qid = _string_id(path, number, record)
         if qid in queries:
             raise DatasetError(path, f"duplicate query id {qid!r}", number)
@@ -188,10 +190,10 @@ def load_qrels(path: Path) -> tuple[Qrels, dict[tuple[str, str], int]]:
         DatasetError: missing file, wrong column count, non-integer score,
             duplicate pair, or no judgements at all.
     """
-    _require_file(path)
+    require_file(path)
     qrels: Qrels = {}
     where: dict[tuple[str, str], int] = {}
-    for number, line in _lines(path):
+    for number, line in iter_lines(path):
         fields = line.split("\t") if "\t" in line else line.split()
         fields = [f.strip() for f in fields]
         if number == 1 and fields and fields[0].lower() in _QRELS_HEADER_FIRST:
