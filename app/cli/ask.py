@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from app.cli._common import fail
+from app.services.wiring import build_backend, open_retriever
 
 if TYPE_CHECKING:
     from agents import AgentResult, RagAnswer, Source
@@ -54,63 +55,6 @@ AGENT_TOOLS = ["knowledge_base_search", "calculator", "current_datetime", "web_s
 
 web_client_factory: Callable[[float], Any] | None = None
 """Makes the ddgs client of ``web_search`` (None: the real ddgs); tests set a failing one."""
-
-
-def build_backend(
-    settings: Settings, kind: str, base_url: str | None, model: str | None
-) -> ChatBackend:
-    """The LLM backend the settings (or the overrides) name.
-
-    Raises:
-        llm_backend.errors.BackendError, llm_backend.engine.errors.EngineError:
-            the backend cannot be built (bad URL, model file missing, ...).
-    """
-    if kind == BackendKind.openai:
-        from llm_backend import OpenAICompatBackend
-
-        return OpenAICompatBackend(
-            base_url or settings.agent.base_url,
-            model or settings.agent.model or settings.engine.model,
-            api_key=settings.llm.api_key,
-            connect_timeout=settings.llm.connect_timeout_s,
-            read_timeout=settings.llm.request_timeout_s,
-            context_window=settings.engine.max_seq_len,
-        )
-    from llm_backend import LocalEngineBackend
-    from llm_backend.engine.registry import resolve_model
-
-    path = resolve_model(model or settings.engine.model, settings.models_dir)
-    return LocalEngineBackend(
-        path,
-        quant=settings.engine.quant,
-        max_seq_len=settings.engine.max_seq_len,
-    )
-
-
-def open_retriever(settings: Settings, collection: str, k: int, mode: str) -> HybridRetriever:
-    """The hybrid retriever over ``collection`` in the data folder.
-
-    Raises:
-        retrieval.RetrievalError: the collection does not exist or is invalid.
-    """
-    from retrieval import CollectionNotFound, HybridRetriever
-
-    r = settings.retrieval
-    if r.chroma_url is None and not (settings.data_dir / "manifest.sqlite").exists():
-        raise CollectionNotFound(
-            f"collection {collection!r} does not exist (no data in {settings.data_dir})"
-        )
-    return HybridRetriever.from_data_dir(
-        settings.data_dir,
-        collection,
-        chroma_url=r.chroma_url,
-        k=k,
-        mode=mode,
-        fetch_k=r.fetch_k,
-        rrf_k=r.rrf_k,
-        dense_weight=r.dense_weight,
-        bm25_weight=r.bm25_weight,
-    )
 
 
 def _source_json(source: Source) -> dict[str, Any]:
@@ -305,6 +249,10 @@ def ask(
         fail(str(exc))
     except RetrievalError as exc:
         fail(str(exc))
+    finally:
+        close = getattr(chat_backend, "close", None)
+        if callable(close):
+            close()  # stops an in-process engine
 
     if json_output:
         typer.echo(json.dumps(result, ensure_ascii=False))
