@@ -10,6 +10,7 @@ allowed tool whose arguments pass the tool's schema.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -195,3 +196,31 @@ async def test_agent_tool_call_in_process(
     assert isinstance(first.arguments.get("query"), str) and first.arguments["query"]
     assert first.result is not None and first.result.startswith("[1] ")
     assert result.sources and result.sources[0].number == 1
+
+
+def test_cli_ask_json_over_http(
+    engine_server: object,
+    helpcentre_data_dir: Path,
+    engine_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from app.settings import get_settings
+
+    monkeypatch.setenv("RAGLOOM_DATA_DIR", str(helpcentre_data_dir))
+    monkeypatch.setenv("RAGLOOM_AGENT__MAX_ANSWER_TOKENS", "40")
+    get_settings.cache_clear()
+    try:
+        question = ["ask", "How do I pay my bill?", "--collection", "helpcentre", "-k", "2"]
+        backend = ["--backend", "openai", "--base-url", engine_url, "--model", MODEL]
+        result = CliRunner().invoke(app, [*question, *backend, "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["answer"].strip() and body["refused"] is False
+    assert len(body["sources"]) == 2 and body["tool_calls"] == []
+    given = {s["number"]: s["doc_id"] for s in body["sources"]}
+    assert all(given.get(c["number"]) == c["doc_id"] for c in body["citations"])
