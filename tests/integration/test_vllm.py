@@ -234,7 +234,57 @@ async def test_agent_searches_the_knowledge_base_through_vllm(
     assert result.answer.strip()
 
 
-# -- the helper itself ---------------------------------------------------------------------
+# -- the conversion and the helper itself --------------------------------------------------
+
+
+def test_converted_folder_matches_the_gguf() -> None:
+    """The HF folder vLLM loads computes the same logits and prompt as the GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from llm_backend.engine.registry import resolve_model
+
+    gguf = resolve_model(SERVED_MODEL_NAME, get_settings().models_dir)
+    hf_dir = _model_dir()
+    if not hf_model_ready(hf_dir):
+        pytest.fail(f"no converted model at {hf_dir}: run `scripts/vllm.sh prepare`", False)
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    converted = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    reference_tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    converted_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = converted_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == reference_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = converted_tokenizer(prompt, return_tensors="pt").input_ids
+    assert ids.tolist() == reference_tokenizer(prompt, return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        expected = reference(ids).logits  # (1, T, vocab)
+        actual = converted(ids).logits
+    assert actual.shape == expected.shape == (1, ids.shape[1], 49152)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_conversion_is_skipped_when_up_to_date() -> None:
+    from llm_backend.engine.registry import resolve_model
+    from llm_backend.vllm_setup import convert_gguf_to_hf
+
+    gguf = resolve_model(SERVED_MODEL_NAME, get_settings().models_dir)
+    weights = _model_dir() / "model.safetensors"
+    if not weights.is_file():
+        pytest.fail(f"no converted model at {_model_dir()}: run `scripts/vllm.sh prepare`", False)
+    before = weights.stat().st_mtime_ns
+    assert convert_gguf_to_hf(gguf, _model_dir()) == _model_dir()
+    assert weights.stat().st_mtime_ns == before
 
 
 def test_server_refuses_to_start_without_a_converted_model(tmp_path: Path) -> None:
