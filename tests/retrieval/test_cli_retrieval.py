@@ -26,8 +26,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]
 
 
 def invoke(*args: str) -> tuple[int, str]:
+    """Exit code and stdout + stderr, interleaved."""
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output
+
+
+def invoke_json(*args: str) -> object:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # progress bars go to stderr
 
 
 def test_ingest_query_collections_roundtrip(env: tuple[Path, Path]) -> None:
@@ -42,23 +49,23 @@ def test_ingest_query_collections_roundtrip(env: tuple[Path, Path]) -> None:
     assert code == 0
     assert sum(line.startswith("unchanged ") for line in out.splitlines()) == 6
 
-    code, out = invoke(
+    rows = invoke_json(
         "query", "why does the sea rise and fall", "-c", "notes", "-k", "2", "--json"
     )
-    assert code == 0, out
-    rows = json.loads(out)
+    assert isinstance(rows, list)
     assert len(rows) == 2 and rows[0]["rank"] == 1
     assert rows[0]["metadata"]["source"].endswith("tides.txt")
     assert rows[0]["dense_score"] is not None and rows[0]["bm25_score"] is not None
 
     source = str((src / "chess.txt").resolve())
-    code, out = invoke(
+    rows = invoke_json(
         "query", "pieces", "-c", "notes", "--mode", "bm25", "--filter", f"source={source}", "--json"
     )
-    assert code == 0 and [r["metadata"]["source"] for r in json.loads(out)] == [source]
+    assert isinstance(rows, list) and [r["metadata"]["source"] for r in rows] == [source]
 
-    code, out = invoke("query", "lava", "-c", "notes", "-k", "1")
-    assert code == 0 and "volcano.txt" in out and out.startswith("1. ")
+    result = CliRunner().invoke(app, ["query", "lava", "-c", "notes", "-k", "1"])
+    assert result.exit_code == 0 and result.stdout.startswith("1. ")
+    assert "volcano.txt" in result.stdout
 
     code, out = invoke("collections", "list")
     assert code == 0 and "notes\t6 documents\t6 chunks" in out
