@@ -156,7 +156,10 @@ class GGUFFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as a float32 torch tensor (a fresh copy, writable)."""
-        return torch.from_numpy(np.ascontiguousarray(self.tensor_numpy(name)).copy())
+        array = self.tensor_numpy(name)
+        if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the file
+            array = np.array(array, dtype=np.float32, order="C")
+        return torch.from_numpy(array)
 
     def _get(self, name: str) -> Any:
         try:

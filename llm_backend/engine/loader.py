@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import time
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Literal, cast
 
 import torch
+from torch import nn
 
 from llm_backend.engine.errors import EngineError, ModelFileError
 from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.model import ModelArgs, Transformer, unpermute_llama_qk
-from llm_backend.engine.quantize import quantize_model
+from llm_backend.engine.quantize import quantize_linears
 from llm_backend.engine.tokenizer import EngineTokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,64 +51,76 @@ class LoadedModel:
         return self.model.dtype
 
 
-def _state_dict_from_gguf(gguf_file: GGUFFile, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Map GGUF tensor names to ours, fusing Q/K/V and gate/up, un-permuting llama Q/K."""
-
-    def get(name: str) -> torch.Tensor:
-        return gguf_file.tensor(name)
-
-    llama_layout = args.architecture == "llama"
-    state: dict[str, torch.Tensor] = {
-        "tok_embeddings.weight": get("token_embd.weight"),
-        "norm.weight": get("output_norm.weight"),
+def _global_state(gguf_file: GGUFFile, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Embedding, final norm and (untied) output projection, float32."""
+    state = {
+        "tok_embeddings.weight": gguf_file.tensor("token_embd.weight"),  # (V, D)
+        "norm.weight": gguf_file.tensor("output_norm.weight"),
     }
-    if args.tied_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    else:
-        state["output.weight"] = get("output.weight")
-    for i in range(args.n_layers):
-        src, dst = f"blk.{i}", f"layers.{i}"
-        q = get(f"{src}.attn_q.weight")  # (H*hd, D)
-        k = get(f"{src}.attn_k.weight")  # (Hkv*hd, D)
-        v = get(f"{src}.attn_v.weight")
-        if llama_layout:  # llama.cpp stores Q/K rows interleaved for its RoPE
-            q = unpermute_llama_qk(q, args.n_heads)
-            k = unpermute_llama_qk(k, args.n_kv_heads)
-        state[f"{dst}.attention.wqkv.weight"] = torch.cat((q, k, v), dim=0)  # (q+2kv, D)
-        if args.qkv_bias:
-            qb, kb = get(f"{src}.attn_q.bias"), get(f"{src}.attn_k.bias")
-            vb = get(f"{src}.attn_v.bias")
-            if llama_layout:
-                qb = unpermute_llama_qk(qb, args.n_heads)
-                kb = unpermute_llama_qk(kb, args.n_kv_heads)
-            state[f"{dst}.attention.wqkv.bias"] = torch.cat((qb, kb, vb), dim=0)
-        state[f"{dst}.attention.wo.weight"] = get(f"{src}.attn_output.weight")
-        gate, up = get(f"{src}.ffn_gate.weight"), get(f"{src}.ffn_up.weight")
-        state[f"{dst}.feed_forward.w13.weight"] = torch.cat((gate, up), dim=0)  # (2F, D)
-        state[f"{dst}.feed_forward.w2.weight"] = get(f"{src}.ffn_down.weight")
-        state[f"{dst}.attention_norm.weight"] = get(f"{src}.attn_norm.weight")
-        state[f"{dst}.ffn_norm.weight"] = get(f"{src}.ffn_norm.weight")
+    if not args.tied_embeddings:
+        state["output.weight"] = gguf_file.tensor("output.weight")  # (V, D)
     return state
 
 
-def _check_shapes(gguf_file: GGUFFile, state: dict[str, torch.Tensor], model: Transformer) -> None:
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+def _layer_state(gguf_file: GGUFFile, args: ModelArgs, i: int) -> dict[str, torch.Tensor]:
+    """Block ``i``'s float32 tensors under our names: Q/K/V and gate/up fused, llama Q/K
+    un-permuted (llama.cpp stores their rows interleaved for its RoPE)."""
+
+    def get(name: str) -> torch.Tensor:
+        return gguf_file.tensor(f"blk.{i}.{name}")
+
+    llama_layout = args.architecture == "llama"
+    q = get("attn_q.weight")  # (H*hd, D)
+    k = get("attn_k.weight")  # (Hkv*hd, D)
+    v = get("attn_v.weight")  # (Hkv*hd, D)
+    if llama_layout:
+        q = unpermute_llama_qk(q, args.n_heads)
+        k = unpermute_llama_qk(k, args.n_kv_heads)
+    state = {
+        "attention.wqkv.weight": torch.cat((q, k, v), dim=0),  # (q + 2 kv, D)
+        "attention.wo.weight": get("attn_output.weight"),
+        # (2F, D): gate rows first, then up rows
+        "feed_forward.w13.weight": torch.cat((get("ffn_gate.weight"), get("ffn_up.weight"))),
+        "feed_forward.w2.weight": get("ffn_down.weight"),
+        "attention_norm.weight": get("attn_norm.weight"),
+        "ffn_norm.weight": get("ffn_norm.weight"),
+    }
+    if args.qkv_bias:
+        qb, kb, vb = get("attn_q.bias"), get("attn_k.bias"), get("attn_v.bias")
+        if llama_layout:
+            qb = unpermute_llama_qk(qb, args.n_heads)
+            kb = unpermute_llama_qk(kb, args.n_kv_heads)
+        state["attention.wqkv.bias"] = torch.cat((qb, kb, vb))
+    return state
+
+
+def _assign(
+    gguf_file: GGUFFile, module: nn.Module, state: dict[str, torch.Tensor], where: str
+) -> None:
+    """Load ``state`` into a meta-device ``module`` by assignment, checking every shape."""
+    expected = {name: t.shape for name, t in module.state_dict().items()}
     for name, tensor in state.items():
         if name not in expected:
-            raise ModelFileError(gguf_file.path, f"unexpected tensor {name}")
+            raise ModelFileError(gguf_file.path, f"unexpected tensor {where}{name}")
         if tensor.shape != expected[name]:
             raise ModelFileError(
                 gguf_file.path,
-                f"tensor {name} has shape {tuple(tensor.shape)}, "
+                f"tensor {where}{name} has shape {tuple(tensor.shape)}, "
                 f"metadata implies {tuple(expected[name])}",
             )
-    missing = set(expected) - set(state)
+    missing = sorted(set(expected) - set(state))
     if missing:
-        raise ModelFileError(gguf_file.path, f"missing tensors for {sorted(missing)[:3]}")
+        raise ModelFileError(gguf_file.path, f"missing tensors for {where}{missing[0]}")
+    module.load_state_dict(state, assign=True, strict=True)
 
 
-def build_model(gguf_file: GGUFFile) -> Transformer:
-    """A float32 ``Transformer`` holding the file's dequantized weights (no caches yet)."""
+def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
+    """A ``Transformer`` holding the file's weights in precision ``quant`` (no caches yet).
+
+    Works block by block: each block's tensors are dequantized to float32, quantized
+    from float32 (int8 / int4) and cast (bf16) before the next block is read, so peak
+    memory stays near the final model size.
+    """
     meta = gguf_file.metadata
     tied = not gguf_file.has_tensor("output.weight")
     qkv_bias = gguf_file.has_tensor("blk.0.attn_q.bias")
@@ -114,20 +128,55 @@ def build_model(gguf_file: GGUFFile) -> Transformer:
         args = ModelArgs.from_gguf_metadata(meta, tied_embeddings=tied, qkv_bias=qkv_bias)
     except EngineError as exc:
         raise ModelFileError(gguf_file.path, str(exc)) from exc
+    dtype = torch.float32 if quant == "fp32" else torch.bfloat16
+    mode = cast(Literal["int8", "int4"], quant) if quant in ("int8", "int4") else None
     with torch.device("meta"):
         model = Transformer(args)
-    state = _state_dict_from_gguf(gguf_file, args)
-    _check_shapes(gguf_file, state, model)
-    model.load_state_dict(state, assign=True, strict=True)
+    for i, block in enumerate(model.blocks()):
+        _assign(gguf_file, block, _layer_state(gguf_file, args, i), f"layers.{i}.")
+        if mode is not None:
+            quantize_linears(block, mode)  # from the float32 weights
+        block.to(dtype)
+    top = _global_state(gguf_file, args)
+    if tied:  # the output projection reads the embedding matrix
+        embedding_shape = (args.vocab_size, args.dim)
+        if top["tok_embeddings.weight"].shape != embedding_shape:
+            raise ModelFileError(
+                gguf_file.path,
+                f"token_embd.weight has shape {tuple(top['tok_embeddings.weight'].shape)}, "
+                f"metadata implies {embedding_shape}",
+            )
+        model.output.weight = nn.Parameter(top["tok_embeddings.weight"])
+    else:
+        _assign(gguf_file, model.output, {"weight": top.pop("output.weight")}, "output.")
+    if mode is not None:
+        quantize_linears(model, mode)  # only model.output is left as nn.Linear
+    embedding = {"weight": top["tok_embeddings.weight"]}
+    _assign(gguf_file, model.tok_embeddings, embedding, "tok_embeddings.")
+    _assign(gguf_file, model.norm, {"weight": top["norm.weight"]}, "norm.")
+    if tied and mode is None:  # one Parameter for both, as in the file
+        model.output.weight = model.tok_embeddings.weight
+    model.to(dtype)
+    if tied and mode is None:
+        model.output.weight = model.tok_embeddings.weight
     # Non-persistent buffers were created on "meta"; setup_caches fills them later.
     model.rope_cos = torch.empty(0)
     model.rope_sin = torch.empty(0)
     model.key_positions = torch.empty(0, dtype=torch.long)
-    if tied:  # one Parameter for both, as in the file
-        model.output.weight = model.tok_embeddings.weight
     if gguf_file.has_tensor("rope_freqs.weight"):
         model.rope_freq_factors = gguf_file.tensor("rope_freqs.weight")
+    for param in model.parameters():
+        param.requires_grad_(False)
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load_model(
@@ -159,21 +208,11 @@ def load_model(
     meta = gguf_file.metadata
     tokenizer = EngineTokenizer.from_metadata(meta.tokenizer, meta.architecture)
     with torch.inference_mode(False), torch.no_grad():
-        model = build_model(gguf_file)
-        if quant == "fp32":
-            dtype = torch.float32
-        else:
-            dtype = torch.bfloat16
-            model = model.to(dtype)
-            if quant in ("int8", "int4"):
-                quantize_model(model, cast(Literal["int8", "int4"], quant))
-        model = model.to(device)
-        for param in model.parameters():
-            param.requires_grad_(False)
+        model = build_model(gguf_file, quant).to(device)
         seq_len = min(max_seq_len, meta.context_length)
-        model.setup_caches(max_batch, seq_len, dtype)
+        model.setup_caches(max_batch, seq_len, model.dtype)
     del gguf_file
-    gc.collect()
+    _release_freed_memory()
     logger.info(
         "loaded %s (%s, %d layers) as %s in %.1fs",
         Path(path).name,

@@ -33,16 +33,26 @@ from llm_backend.engine.errors import EngineError
 logger = logging.getLogger(__name__)
 
 _INT4_INNER_K_TILES = 2
+_ROW_CHUNK = 4096  # rows quantized at a time
 _HAS_INT4_CPU_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch, "_convert_weight_to_int4pack_for_cpu"
 )
 
 
 def quantize_int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(N, K) float -> int8 (N, K) and float32 scales (N,) with w ≈ q * scale."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (N,)
-    q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)  # (N, K)
+    """(N, K) float -> int8 (N, K) and float32 scales (N,) with w ≈ q * scale.
+
+    Works in row chunks so a large matrix (the vocab projection) needs no full-size
+    float temporaries.
+    """
+    N = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(N, dtype=torch.float32)
+    for start in range(0, N, _ROW_CHUNK):
+        w = weight[start : start + _ROW_CHUNK].to(torch.float32, copy=True)  # (n, K)
+        chunk_scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (n,)
+        q[start : start + _ROW_CHUNK] = w.div_(chunk_scales[:, None]).round_().clamp_(-128, 127)
+        scales[start : start + _ROW_CHUNK] = chunk_scales
     return q, scales
 
 
@@ -52,13 +62,21 @@ def quantize_int4_grouped(weight: Tensor, group_size: int) -> tuple[Tensor, Tens
     Dequantize: w ≈ (q - 8) * scale + zero (gpt-fast's convention, zero = min + 8 * scale).
     """
     N, K = weight.shape
-    w = weight.float().reshape(N, K // group_size, group_size)  # (N, G, gs)
-    w_max = w.amax(dim=-1, keepdim=True)
-    w_min = w.amin(dim=-1, keepdim=True)
-    scales = (w_max - w_min).clamp(min=1e-6) / 15.0  # (N, G, 1)
-    zeros = w_min + scales * 8.0
-    q = torch.round((w - w_min) / scales).clamp(0, 15).to(torch.int32).reshape(N, K)
-    return q, scales.squeeze(-1), zeros.squeeze(-1)
+    G = K // group_size
+    q = torch.empty((N, K), dtype=torch.int32)
+    scales = torch.empty((N, G), dtype=torch.float32)
+    zeros = torch.empty((N, G), dtype=torch.float32)
+    for start in range(0, N, _ROW_CHUNK):
+        w = weight[start : start + _ROW_CHUNK].to(torch.float32, copy=True)
+        w = w.reshape(-1, G, group_size)  # (n, G, gs)
+        w_max = w.amax(dim=-1, keepdim=True)
+        w_min = w.amin(dim=-1, keepdim=True)
+        step = (w_max - w_min).clamp(min=1e-6) / 15.0  # (n, G, 1)
+        codes = (w - w_min).div_(step).round_().clamp_(0, 15)
+        q[start : start + _ROW_CHUNK] = codes.reshape(-1, K)
+        scales[start : start + _ROW_CHUNK] = step.squeeze(-1)
+        zeros[start : start + _ROW_CHUNK] = (w_min + step * 8.0).squeeze(-1)
+    return q, scales, zeros
 
 
 class Int8Linear(nn.Module):
@@ -152,9 +170,8 @@ class Int4Linear(nn.Module):
         )
 
 
-def _swap_linears(
-    module: nn.Module, mode: Literal["int8", "int4"], group_size: int, prefix: str = ""
-) -> int:
+def quantize_linears(module: nn.Module, mode: Literal["int8", "int4"], group_size: int = 32) -> int:
+    """Replace every ``nn.Linear`` under ``module`` (recursively); return how many."""
     swapped = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
@@ -162,7 +179,7 @@ def _swap_linears(
             setattr(module, name, new)
             swapped += 1
         else:
-            swapped += _swap_linears(child, mode, group_size, f"{prefix}{name}.")
+            swapped += quantize_linears(child, mode, group_size)
     return swapped
 
 
@@ -187,6 +204,6 @@ def quantize_model(
         raise EngineError(f"quantization mode must be 'int8' or 'int4', got {mode!r}")
     if group_size <= 0 or group_size % 2 != 0:
         raise EngineError(f"group_size must be a positive even number, got {group_size}")
-    swapped = _swap_linears(model, mode, group_size)
+    swapped = quantize_linears(model, mode, group_size)
     logger.info("quantized %d linear layers to %s", swapped, mode)
     return model

@@ -143,7 +143,7 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
     path = _write_tensors(
         tmp_path / "few.gguf", {"token_embd.weight": (np.ones((2, 32), np.float32), None)}
     )
-    with pytest.raises(ModelFileError, match=r"few\.gguf: missing tensor 'output_norm\.weight'"):
+    with pytest.raises(ModelFileError, match=r"few\.gguf: missing tensor 'blk\.0\.attn_q\.weight'"):
         load_model(path, quant="fp32")
 
 
