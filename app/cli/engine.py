@@ -1,9 +1,83 @@
-"""CLI commands: engine (filled in by its issue)."""
+"""CLI commands: ``ragloom engine serve`` (our engine behind an OpenAI-compatible server)."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from app.cli._common import fail
+
+engine_app = typer.Typer(help="Our in-house inference engine.", no_args_is_help=True)
+logger = logging.getLogger(__name__)
+
+
+@engine_app.command("serve")
+def serve(
+    model: Annotated[
+        str, typer.Option("--model", help="A .gguf path or a registry name (smollm2-135m).")
+    ],
+    host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    quant: Annotated[
+        str, typer.Option("--quant", help="Weights: int8 | int4 | bf16 | fp32.")
+    ] = "int8",
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Concurrent sequences (KV-cache slots).")
+    ] = 8,
+    max_seq_len: Annotated[
+        int, typer.Option("--max-seq-len", help="Context length per sequence.")
+    ] = 4096,
+    max_waiting: Annotated[
+        int, typer.Option("--max-waiting", help="Queued requests before 503.")
+    ] = 64,
+    prefill_chunk: Annotated[
+        int, typer.Option("--prefill-chunk", help="Prompt tokens per prefill step.")
+    ] = 512,
+    served_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="Model id clients send.")
+    ] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option("--models-dir", help="Where registry models live.")
+    ] = None,
+) -> None:
+    """Load a GGUF model and serve /v1/chat/completions, /v1/completions, /metrics."""
+    if not 1 <= port <= 65535:
+        fail(f"--port must be in [1, 65535], got {port}")
+    if max_batch < 1:
+        fail(f"--max-batch must be >= 1, got {max_batch}")
+    import uvicorn
+
+    from llm_backend.engine.async_engine import AsyncEngine
+    from llm_backend.engine.errors import EngineError
+    from llm_backend.engine.loader import load_model
+    from llm_backend.engine.registry import resolve_model
+    from llm_backend.engine.scheduler import SchedulerConfig
+    from llm_backend.engine.server import create_app
+
+    if models_dir is None:
+        from app.settings import get_settings
+
+        models_dir = get_settings().models_dir
+    try:
+        path = resolve_model(model, models_dir)
+        loaded = load_model(path, quant=quant, max_batch=max_batch, max_seq_len=max_seq_len)
+        config = SchedulerConfig(
+            max_running=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk
+        )
+        name = served_name or (model if not model.endswith(".gguf") else Path(model).stem)
+        engine = AsyncEngine(loaded, model_name=name, config=config).start()
+    except EngineError as exc:
+        fail(str(exc))
+    typer.echo(f"serving {name} ({quant}, {max_batch} slots) on http://{host}:{port}/v1", err=True)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the main app."""
+    """Add ``ragloom engine ...`` to the main app."""
+    app.add_typer(engine_app, name="engine")

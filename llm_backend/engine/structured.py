@@ -42,6 +42,13 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 ToolMode = Literal["auto", "required", "named"]
 
+# Compact JSON with one space after separators: no runaway whitespace at high temperature.
+JSON_OPTIONS: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 
@@ -105,7 +112,8 @@ def tool_call_schema(tools: list[ToolSpec]) -> dict[str, Any]:
         }
         for tool in tools
     ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": JSON_OPTIONS}
 
 
 class GrammarCompiler:
@@ -143,7 +151,10 @@ class GrammarCompiler:
                 f"json schema must be an object, got {type(schema).__name__}"
             )
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema,
+                defaults=JSON_OPTIONS,  # type: ignore[arg-type]
+            )
         except ValueError as exc:
             raise StructuredOutputError(f"invalid json schema: {exc}") from exc
         return self._validated(grammar, "json schema")
