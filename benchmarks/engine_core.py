@@ -46,7 +46,7 @@ def _prompt(tokenizer_encode: object, n_tokens: int) -> list[int]:
     return list(ids[:n_tokens])
 
 
-def _decode_rate(loaded: object, batch: int, prompt_len: int, steps: int) -> float:
+def _decode_rate(loaded: object, batch: int, prompt_len: int, steps: int) -> tuple[float, float]:
     """Aggregate decode tok/s for ``batch`` rows, each already holding ``prompt_len`` tokens."""
     model = loaded.model  # type: ignore[attr-defined]
     params = BatchSamplingTensors.from_params(
@@ -57,13 +57,16 @@ def _decode_rate(loaded: object, batch: int, prompt_len: int, steps: int) -> flo
     for _ in range(3):  # warm up
         decode_one_token(model, tokens, positions, None, params, kv_len=prompt_len + 1)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     for step in range(steps):
         next_tokens, _ = decode_one_token(
             model, tokens, positions, None, params, kv_len=prompt_len + step + 1
         )
         tokens = next_tokens[:, None]
         positions = positions + 1
-    return batch * steps / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    return batch * steps / wall, batch * steps / cpu
 
 
 def bench(path: Path, quant: str, prompt_tokens: int, decode_steps: int) -> dict[str, float]:
@@ -76,12 +79,13 @@ def bench(path: Path, quant: str, prompt_tokens: int, decode_steps: int) -> dict
     tokens = torch.tensor([ids])
     positions = torch.arange(len(ids))[None]
     prefill(model, tokens[:, :32], positions[:, :32], None, kv_len=32)  # warm up
-    times = []
+    times, cpu_times = [], []
     for _ in range(2):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         prefill(model, tokens, positions, None, kv_len=len(ids))
         times.append(time.perf_counter() - started)
-    prefill_rate = len(ids) / min(times)
+        cpu_times.append(time.process_time() - cpu_started)
+    rss_after_prefill = _rss_mib()
     # Batch 8: fill every slot with the prompt, then decode all rows together.
     for slot in range(1, 8):
         model.copy_slot_prefix(0, slot, len(ids))
@@ -89,10 +93,13 @@ def bench(path: Path, quant: str, prompt_tokens: int, decode_steps: int) -> dict
     decode_8 = _decode_rate(loaded, 8, len(ids), decode_steps)
     return {
         "load_s": load_s,
-        "prefill": prefill_rate,
-        "decode_1": decode_1,
-        "decode_8": decode_8,
-        "rss_mib": _rss_mib(),
+        "prefill": len(ids) / min(times),
+        "prefill_cpu": len(ids) / min(cpu_times),
+        "decode_1": decode_1[0],
+        "decode_1_cpu": decode_1[1],
+        "decode_8": decode_8[0],
+        "decode_8_cpu": decode_8[1],
+        "rss_mib": rss_after_prefill,
     }
 
 
@@ -111,20 +118,26 @@ def main() -> None:
     )
     print(f"model {path.name}; threads {args.threads}; load average {os.getloadavg()[0]:.1f}")
     print(f"peers: {PEERS}")
-    header = f"{'quant':6} {'prefill tok/s':>14} {'decode b1 tok/s':>16} {'vs 205':>7} "
-    header += f"{'decode b8 tok/s':>16} {'RSS MiB':>8} {'load s':>7}"
+    print(
+        "wall = wall-clock rate; cpu = tokens per CPU-second of this process (with 1 thread,"
+        " what an idle core would do; with 2 it counts OpenMP spin-waits)"
+    )
+    header = f"{'quant':6} {'prefill wall/cpu':>17} {'decode b1 wall/cpu':>19} {'cpu/205':>7} "
+    header += f"{'decode b8 wall/cpu':>19} {'RSS MiB':>8} {'load s':>7}"
     print(header)
     for quant in args.quants.split(","):
         with torch.inference_mode():
             r = bench(path, quant, args.prompt_tokens, args.decode_steps)
         print(
-            f"{quant:6} {r['prefill']:14.0f} {r['decode_1']:16.1f} "
-            f"{r['decode_1'] / BANDWIDTH_BOUND_TOK_S:7.2f} {r['decode_8']:16.1f} "
+            f"{quant:6} {r['prefill']:8.0f}/{r['prefill_cpu']:<8.0f} "
+            f"{r['decode_1']:9.1f}/{r['decode_1_cpu']:<9.1f} "
+            f"{r['decode_1_cpu'] / BANDWIDTH_BOUND_TOK_S:7.2f} "
+            f"{r['decode_8']:9.1f}/{r['decode_8_cpu']:<9.1f} "
             f"{r['rss_mib']:8.0f} {r['load_s']:7.1f}",
             flush=True,
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS over the whole run: {peak:.0f} MiB (loads every precision in turn)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}; peak RSS {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,9 @@ class GGUFFile:
             # GGUFReader raises these on truncated or corrupt headers / tensor data.
             raise ModelFileError(path, f"corrupt or truncated GGUF ({exc})") from exc
         metadata = _read_metadata(path, reader)
+        # The parsed key/value fields (one small numpy array per token string) are no
+        # longer needed: free them now so the weights can reuse that heap.
+        reader.fields.clear()
         gguf_file = cls(path, reader, metadata)
         gguf_file._validate_tensors()
         return gguf_file

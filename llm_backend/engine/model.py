@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,6 +97,18 @@ SMALL_T_ATTENTION = 4  # up to this many new tokens per row, attention skips SDP
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero CPU tensor whose pages are only touched when written.
+
+    ``torch.zeros`` fills every byte (a 4096-position, 8-slot cache is hundreds of MiB of
+    RSS from the start); numpy's calloc gets zero pages from the OS lazily. Unwritten
+    positions must hold finite values (masked scores multiply them by 0), so zeros.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    carrier = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
+    return torch.from_numpy(np.zeros(shape, dtype=carrier)).view(dtype)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values: ``max_batch`` slots × ``max_seq_len`` positions."""
 
@@ -104,8 +117,8 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (max_batch, n_kv_heads, max_seq_len, head_dim)  # (slots, Hkv, S_max, hd)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k_cache", lazy_zeros(shape, dtype), persistent=False)
+        self.register_buffer("v_cache", lazy_zeros(shape, dtype), persistent=False)
         self.k_cache: Tensor
         self.v_cache: Tensor
 
