@@ -6,7 +6,8 @@ Public surface (the scheduler and server build on these):
 - ``Transformer.forward(tokens, input_pos, slots, last_only=..., kv_len=...)``,
   ``Transformer.setup_caches``, ``Transformer.copy_slot_prefix``
 - ``prefill``, ``decode_one_token``, ``generate``
-- ``SamplingParams``, ``BatchSamplingTensors``, ``make_generators``, ``sample``
+- ``SamplingParams``, ``BatchSamplingTensors``, ``make_generators``, ``sample``,
+  ``top_logprobs``; ``quantize_model``
 - ``EngineTokenizer``, ``IncrementalDecoder``
 - ``pull_model``, ``list_models``, ``resolve_model``
 - ``EngineError``, ``ModelFileError``
@@ -16,12 +17,14 @@ from llm_backend.engine.errors import EngineError, ModelFileError
 from llm_backend.engine.generate import decode_one_token, generate, prefill
 from llm_backend.engine.loader import QUANT_MODES, LoadedModel, load_model
 from llm_backend.engine.model import ModelArgs, Transformer
+from llm_backend.engine.quantize import quantize_model
 from llm_backend.engine.registry import ModelInfo, list_models, pull_model, resolve_model
 from llm_backend.engine.sampling import (
     BatchSamplingTensors,
     SamplingParams,
     make_generators,
     sample,
+    top_logprobs,
 )
 from llm_backend.engine.tokenizer import EngineTokenizer, IncrementalDecoder, TemplateError
 
@@ -45,6 +48,8 @@ __all__ = [
     "make_generators",
     "prefill",
     "pull_model",
+    "quantize_model",
     "resolve_model",
     "sample",
+    "top_logprobs",
 ]
