@@ -107,22 +107,28 @@ def overhead(requests: int) -> None:
         retriever = state.collections.retriever("local", "bench", 5)
         answerer = RagAnswerer(retriever, backend, RagConfig(k=5, min_score=0.0))
 
-        def timed(fn: Any) -> list[float]:
-            fn()  # warm-up
-            out = []
+        def timed(ours: Any, peer: Any) -> tuple[list[float], list[float]]:
+            """Interleaved timings (ms) so both sides see the same machine load."""
+            ours(), peer()  # warm-up
+            a, b = [], []
             for _ in range(requests):
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1000)
-            return out
+                for fn, out in ((ours, a), (peer, b)):
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append((time.perf_counter() - t0) * 1000)
+            return a, b
 
         search_body = {"query": QUESTION, "collection": "bench", "k": 5}
         chat_body = {"message": QUESTION, "collection": "bench", "stream": False}
         state.settings.agent.min_score = 0.0
-        api_search = timed(lambda: client.post("/api/search", json=search_body).raise_for_status())
-        lib_search = timed(lambda: retriever.search(QUESTION, k=5))
-        api_chat = timed(lambda: client.post("/api/chat", json=chat_body).raise_for_status())
-        lib_chat = timed(lambda: asyncio.run(answerer.answer(QUESTION)))
+        api_search, lib_search = timed(
+            lambda: client.post("/api/search", json=search_body).raise_for_status(),
+            lambda: retriever.search(QUESTION, k=5),
+        )
+        api_chat, lib_chat = timed(
+            lambda: client.post("/api/chat", json=chat_body).raise_for_status(),
+            lambda: asyncio.run(answerer.answer(QUESTION)),
+        )
     finally:
         client.close()
         server.should_exit = True
