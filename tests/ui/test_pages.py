@@ -1,0 +1,190 @@
+"""The UI pages under Streamlit's AppTest, against the real API on loopback.
+
+The API is real (uvicorn, Chroma, MiniLM, SQLite sessions); only the LLM is
+scripted, so the answer text, its citation and its tool calls are known.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.ui.conftest import LiveApi, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TIMEOUT = 60
+
+
+def page(name: str) -> AppTest:
+    """An AppTest of one page module's ``render()``."""
+    return AppTest.from_string(
+        f"from ui.views.{name} import render\nrender()", default_timeout=TIMEOUT
+    )
+
+
+def all_text(at: AppTest) -> str:
+    """Every markdown, caption and text element's value, joined."""
+    parts: list[Any] = [m.value for m in at.markdown]
+    parts += [c.value for c in at.caption] + [t.value for t in at.text]
+    return "\n".join(str(p) for p in parts)
+
+
+@pytest.mark.parametrize("name", ["chat", "documents", "evaluation"])
+def test_api_down_is_one_line_then_recovers(
+    name: str, monkeypatch: pytest.MonkeyPatch, ui_env: LiveApi
+) -> None:
+    monkeypatch.setenv("RAGLOOM_UI__API_URL", f"http://127.0.0.1:{free_port()}")
+    at = page(name)
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "Cannot reach the API" in at.error[0].value
+    assert "\n" not in at.error[0].value
+    # The API comes back: the Retry button reruns the page, which now works.
+    monkeypatch.setenv("RAGLOOM_UI__API_URL", ui_env.url)
+    at.button(key="retry_api").click().run()
+    assert not at.exception and len(at.error) == 0
+
+
+def test_wrong_key_is_one_line_401(monkeypatch: pytest.MonkeyPatch, ui_env: LiveApi) -> None:
+    monkeypatch.setenv("RAGLOOM_UI__API_KEY", "sk-not-a-key")
+    at = page("chat")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1
+    assert "401" in at.error[0].value and "RAGLOOM_UI__API_KEY" in at.error[0].value
+
+
+def test_chat_streams_a_sanitized_answer_with_sources_and_a_session(ui_env: LiveApi) -> None:
+    at = page("chat")
+    at.run()
+    assert not at.exception and not at.error
+    assert at.sidebar.selectbox(key="chat_collection").value == "fest"
+    at.sidebar.slider(key="chat_temperature").set_value(0.0)
+    at.chat_input[0].set_value("When is the Zorblat festival?").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    text = all_text(at)
+    assert "ninth of Brumaire" in text
+    # Model text never renders an image or HTML tag.
+    assert "![" not in text and "<img" not in text
+    assert "!\\[pixel]" in text  # streamed: the image opener is escaped piece by piece
+    sources = [e for e in at.expander if e.label.startswith("Sources")]
+    assert sources, [e.label for e in at.expander]
+    source_text = "\n".join(str(m.value) for m in sources[0].markdown)
+    assert "[1] Zorblat festival" in source_text and "score" in source_text
+    assert any("ninth of Brumaire" in str(t.value) for t in sources[0].text)
+    session_id = at.session_state["chat_session_id"]
+    assert session_id
+    assert ui_env.client.get(f"/api/sessions/{session_id}", headers=ui_env.headers).is_success
+
+    # A new chat empties the page; the session list resumes the conversation.
+    fresh = page("chat")
+    fresh.run()
+    fresh.button(key=f"open_{session_id}").click().run()
+    assert not fresh.exception
+    assert [m.name for m in fresh.chat_message] == ["user", "assistant"]
+    resumed = all_text(fresh)
+    assert "ninth of Brumaire" in resumed and "\\[image: pixel\\]" in resumed
+    assert "![" not in resumed and "<img" not in resumed
+    assert any(e.label.startswith("Sources") for e in fresh.expander)
+
+    fresh.button(key=f"delete_{session_id}").click().run()
+    assert not fresh.exception and not fresh.chat_message
+    r = ui_env.client.get(f"/api/sessions/{session_id}", headers=ui_env.headers)
+    assert r.status_code == 404
+
+
+def test_agent_mode_shows_the_tool_trace(ui_env: LiveApi) -> None:
+    at = page("chat")
+    at.run()
+    at.sidebar.radio(key="chat_mode").set_value("agent")
+    at.chat_input[0].set_value("What is 6*7?").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "The calculator says 42." in all_text(at)
+    traces = [e for e in at.expander if e.label.startswith("Tool trace")]
+    assert traces
+    assert "calculator" in "\n".join(str(m.value) for m in traces[0].markdown)
+    assert any("42" in str(t.value) for t in traces[0].text)
+    assert '"6*7"' in traces[0].code[0].value
+
+
+def test_chat_error_is_one_line_and_the_page_goes_on(ui_env: LiveApi) -> None:
+    at = page("chat")
+    at.run()
+    at.chat_input[0].set_value("x" * 9000).run()  # over the API's max_message_chars
+    assert not at.exception
+    assert len(at.error) == 1 and "8000" in at.error[0].value, [e.value for e in at.error]
+    at.chat_input[0].set_value("When is the Zorblat festival?").run()
+    assert not at.exception and not at.error
+    assert "ninth of Brumaire" in all_text(at)
+
+
+def test_documents_create_upload_with_file_errors_list_and_delete(ui_env: LiveApi) -> None:
+    at = page("documents")
+    at.run()
+    assert not at.exception and not at.error
+    at.text_input(key="docs_new_name").set_value("ui-docs")
+    next(b for b in at.button if b.label == "Create collection").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="docs_collection").value == "ui-docs"
+    assert "no documents yet" in all_text(at)
+
+    at.file_uploader[0].set_value(
+        [
+            ("notes.md", b"# Notes\n\nThe blue kettle whistles at dawn.", "text/markdown"),
+            ("broken.pdf", b"this is not a pdf", "application/pdf"),
+        ]
+    )
+    at.run()
+    at.button(key="docs_upload").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    outcome = [w.value for w in at.warning] + [s.value for s in at.success]
+    assert any("Indexed 1 of 2 file(s)" in str(v) for v in outcome), outcome
+    assert any(str(t.value).startswith("broken.pdf: ") for t in at.text), [t.value for t in at.text]
+    assert "Notes" in all_text(at) and "Documents (1)" in [s.value for s in at.subheader]
+    listed = httpx.get(
+        f"{ui_env.url}/api/collections/ui-docs/documents", headers=ui_env.headers
+    ).json()["data"]
+    assert len(listed) == 1
+
+    at.button(key=f"docs_delete_{listed[0]['doc_id']}").click().run()
+    assert not at.exception and "Documents (0)" in [s.value for s in at.subheader]
+
+    at.checkbox(key="docs_confirm_ui-docs").check().run()
+    at.button(key="docs_delete_collection").click().run()
+    assert not at.exception
+    names = [
+        c["name"]
+        for c in ui_env.client.get("/api/collections", headers=ui_env.headers).json()["data"]
+    ]
+    assert "ui-docs" not in names
+
+
+def test_documents_duplicate_collection_is_one_line(ui_env: LiveApi) -> None:
+    at = page("documents")
+    at.run()
+    at.text_input(key="docs_new_name").set_value("fest")
+    next(b for b in at.button if b.label == "Create collection").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "fest" in at.error[0].value
+
+
+def test_evaluation_page_explains_itself_while_the_route_is_missing(ui_env: LiveApi) -> None:
+    at = page("evaluation")
+    at.run()
+    assert not at.exception and not at.error
+    assert "retrieval evaluation runs" in at.info[0].value
+    assert "404" in all_text(at)
+
+
+def test_evaluation_table_from_runs() -> None:
+    from ui.views.evaluation import flatten_run
+
+    row = flatten_run(
+        {"id": "r1", "config": {"mode": "hybrid"}, "metrics": {"ndcg@10": 0.7}, "x": [1]}
+    )
+    assert row == {"id": "r1", "config.mode": "hybrid", "ndcg@10": 0.7}
