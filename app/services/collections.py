@@ -38,10 +38,12 @@ from retrieval import (
     Embedder,
     HybridRetriever,
     Ingestor,
+    InvalidCollectionName,
     Manifest,
     RetrievalError,
     SourceDocument,
     WriterLock,
+    WriterLocked,
 )
 from retrieval.manifest import CollectionRecord, DocumentRecord
 
@@ -156,7 +158,15 @@ class CollectionService:
 
     async def _write(self, fn: Callable[[], T]) -> T:
         future: Future[T] = self._writer.submit(fn)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except WriterLocked as exc:
+            raise ApiError(409, f"the data folder is busy: {exc}", "writer_locked") from exc
+        except InvalidCollectionName as exc:
+            raise ApiError(422, str(exc), "invalid_collection_name") from exc
+        except RetrievalError as exc:
+            logger.warning("store write failed: %s", exc)
+            raise ApiError(503, f"the document store failed: {exc}", "store_error") from exc
 
     # -- collections ---------------------------------------------------------------
 

@@ -324,3 +324,18 @@ def test_auth_off_uses_local_tenant(tmp_path: Path, embedder: Any) -> None:
     with TestClient(app) as client:
         r = client.post("/api/chat", json={"message": "hi", "mode": "llm", "stream": False})
         assert r.status_code == 200 and r.json()["answer"] == "echo: hi"
+
+
+def test_another_writer_process_gets_clear_errors(env: dict[str, Any], faq: dict[str, Any]) -> None:
+    from retrieval import WriterLock
+
+    client, a = env["client"], env["a"]
+    with WriterLock(env["data_dir"]):  # as if `ragloom ingest` were running
+        r = client.post("/api/collections", json={"name": "other"}, headers=a)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "writer_locked"
+        files = [("files", ("late.md", b"# Late\n\nA late file.", "text/markdown"))]
+        r = client.post("/api/collections/faq/documents", files=files, headers=a)
+        job = wait_job(client, r.json()["id"], a)
+    assert job["status"] == "failed" and "writ" in job["error"]
+    r = client.post("/api/collections", json={"name": "other"}, headers=a)
+    assert r.status_code == 201
