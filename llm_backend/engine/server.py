@@ -477,6 +477,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"request body is not valid JSON: {first.get('msg', '')}", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if param is None:
+        return "request body must be a JSON object (Content-Type: application/json)", None
     message = first.get("msg", "invalid value")
     return (f"{param}: {message}" if param else message), param
 

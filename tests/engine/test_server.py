@@ -455,6 +455,16 @@ def test_bad_requests_get_openai_errors(
     assert needle in error["message"]
 
 
+def test_body_that_is_not_an_object_is_a_400(served: Served) -> None:
+    response = httpx.post(
+        f"{served.base_url}/v1/chat/completions",
+        content=b"[1, 2]",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert "JSON object" in response.json()["error"]["message"]
+
+
 def test_bad_completion_request(served: Served) -> None:
     response = _post(served, {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "/v1/completions")
     assert response.status_code == 400
