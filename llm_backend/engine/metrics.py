@@ -128,13 +128,17 @@ class EngineMetrics:
     def on_tokens(self, count: int) -> None:
         """``count`` tokens were generated; updates the tokens/s gauge."""
         self.generation_tokens.inc(count)
+        self._update_rate(count)
+
+    def _update_rate(self, count: int) -> None:
         now = time.monotonic()
         with self._lock:
-            self._recent.append((now, count))
+            if count:
+                self._recent.append((now, count))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
                 self._recent.popleft()
             total = sum(c for _, c in self._recent)
-            span = max(now - self._recent[0][0], 1.0)
+            span = max(now - self._recent[0][0], 1.0) if self._recent else 1.0
         self.tokens_per_second.set(total / span)
 
     def on_finish(self, reason: str) -> None:
@@ -142,5 +146,6 @@ class EngineMetrics:
         self._finished.labels(self._model, reason).inc()
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of every metric."""
+        """The Prometheus text format of every metric (tokens/s decays when idle)."""
+        self._update_rate(0)
         return generate_latest(self.registry)
