@@ -8,7 +8,8 @@ shapes, limits and the one error shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.auth import create_key, hash_key
 from app.main import create_app
-from llm_backend import ChatRequest, ChatResponse, ScriptedBackend, ToolCall, Usage
+from llm_backend import ChatChunk, ChatRequest, ChatResponse, ScriptedBackend, ToolCall, Usage
 from tests.app.conftest import FAQ, PETS, make_settings, parse_sse, wait_job
 
 
@@ -339,3 +340,25 @@ def test_another_writer_process_gets_clear_errors(env: dict[str, Any], faq: dict
     assert job["status"] == "failed" and "writ" in job["error"]
     r = client.post("/api/collections", json={"name": "other"}, headers=a)
     assert r.status_code == 201
+
+
+class Stalling(Script):
+    """Streams one piece, then stalls (a backend that hangs mid-answer)."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        yield ChatChunk("Hello")
+        await asyncio.sleep(30)
+        yield ChatChunk(" never", finish_reason="stop")
+
+
+def test_request_timeout_504_and_error_event(tmp_path: Path, embedder: Any) -> None:
+    settings = make_settings(tmp_path, auth="off", request_timeout_s=0.5)
+    app = create_app(settings, backend=Stalling(), embedder=embedder)
+    with TestClient(app) as client:
+        body = {"message": "hi", "mode": "llm", "stream": False}
+        r = client.post("/api/chat", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        with client.stream("POST", "/api/chat", json={**body, "stream": True}) as r:
+            events = parse_sse(r.iter_lines())
+        assert [e for e, _ in events] == ["token", "error"]
+        assert events[1][1]["error"]["code"] == "timeout"
