@@ -34,11 +34,18 @@ if [ "${RAGLOOM_SKIP_VLLM:-0}" != "1" ]; then
   .venv/bin/ragloom vllm prepare >/dev/null
 fi
 
-# A real browser for the end-to-end UI tests (Debian's chromium).
-if [ "${RAGLOOM_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then
+# Debian packages for the tests: a real browser (e2e UI tests) and the
+# docker-compose client (validates compose.yaml; no Docker engine is needed).
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+if [ "${RAGLOOM_SKIP_APT:-0}" != "1" ] && [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "[setup] installing Debian chromium for browser tests"
-    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "[setup] chromium not installed; e2e tests will fail"
+    echo "[setup] installing Debian packages: ${need[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "[setup] please install: ${need[*]} (needed by the browser and compose tests)" >&2
   fi
 fi
 echo "[setup] done"
