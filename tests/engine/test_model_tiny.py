@@ -112,3 +112,38 @@ def test_forward_without_setup_caches_is_a_clear_error(tiny_gguf: Callable[..., 
     model = build_model(GGUFFile.open(tiny_gguf()))
     with pytest.raises(EngineError, match="setup_caches"):
         model(torch.tensor([[1, 2]]), torch.arange(2)[None])
+
+
+def test_generate_rejects_what_does_not_fit(tiny_gguf: Callable[..., Path]) -> None:
+    from llm_backend.engine.errors import EngineError
+    from llm_backend.engine.generate import generate
+    from llm_backend.engine.sampling import SamplingParams
+
+    loaded = load_model(tiny_gguf(), quant="fp32", max_batch=2, max_seq_len=16)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    with pytest.raises(EngineError, match="batch of 3 rows does not fit 2 cache slots"):
+        generate(model, tokenizer, [[1], [2], [3]], [greedy] * 3)
+    with pytest.raises(
+        EngineError, match=r"prompt 0 has 14 tokens \+ max_tokens 4 > cache length 16"
+    ):
+        generate(model, tokenizer, [[5] * 14], [greedy])
+    with pytest.raises(EngineError, match="prompt 1 is empty"):
+        generate(model, tokenizer, [[5], []], [greedy] * 2)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1\.5"):
+        generate(model, tokenizer, [[5]], [SamplingParams(top_p=1.5)])
+    # Rows with different max_tokens stop on their own.
+    outs = generate(
+        model,
+        tokenizer,
+        [[5, 6, 7], [9]],
+        [
+            SamplingParams(temperature=0.0, max_tokens=2, stop_token_ids=[]),
+            SamplingParams(temperature=0.0, max_tokens=9, stop_token_ids=[]),
+        ],
+    )
+    [longer] = generate(
+        model, tokenizer, [[5, 6, 7]], [SamplingParams(temperature=0.0, max_tokens=9)]
+    )
+    assert outs[0] == longer[:2]  # greedy: the short row is a prefix of the long run
+    assert len(outs[1]) <= 9
