@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from eval.configs import parse_config
+from eval.dataset import load_beir
 from eval.errors import EvalError
 from eval.index import CORPUS_ID_FIELD
 from eval.results import RunResult, load_run
@@ -241,3 +242,39 @@ def test_cli_bad_inputs_give_one_line_errors(dataset_dir: Path, tmp_path: Path) 
 
     code, _, stderr = _invoke("eval", "compare", str(tmp_path / "x"), str(tmp_path / "y"))
     assert code == 1 and "run folder not found" in stderr
+
+
+class _LengthReranker:
+    """A deterministic stand-in cross-encoder: shorter passages score higher.
+
+    No cross-encoder model ships offline here; this checks the eval layer's rerank
+    plumbing (only the head is rescored, the tail stays below it, documents follow).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def warm_up(self) -> None:
+        return None
+
+    def score(self, query: str, passages: list[str]) -> list[float]:
+        self.calls.append(len(passages))
+        return [-float(len(p)) for p in passages]
+
+
+def test_rerank_rescores_only_the_head(dataset_dir: Path, cache_dir: Path) -> None:
+    reranker = _LengthReranker()
+    configs = [parse_config("rr=hybrid,rerank=true,rerank_top=3,k=10,fetch_k=20")]
+    result = RetrievalEvalRunner(
+        dataset_dir, configs, cache_dir, reranker_factory=lambda name: reranker
+    ).run()
+    run = result.config("rr").run
+    assert run is not None
+    assert set(reranker.calls) == {3}  # every query: exactly rerank_top passages rescored
+    corpus = load_beir(dataset_dir, "test").corpus
+    for docs in run.values():
+        ordered = [d for d, _ in sorted(docs.items(), key=lambda item: -item[1])]
+        head = ordered[:3]
+        lengths = [len(corpus[d]["title"]) + len(corpus[d]["text"]) for d in head]
+        assert lengths == sorted(lengths)  # the reranked head: shortest passage first
+    assert result.config("rr").spec["rerank"] is True
