@@ -7,7 +7,7 @@ load once per session.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,16 @@ import torch
 from llm_backend.engine.loader import LoadedModel, load_model
 from llm_backend.engine.registry import pull_model
 
-# One intra-op thread: the 2-core machine is shared, and OpenMP workers spin-waiting for a
-# descheduled sibling made tests 5-10x slower under load. Speed lives in benchmarks/.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="package")
+def _one_intra_op_thread() -> Iterator[None]:
+    """Engine tests run with one intra-op thread: the 2-core machine is shared, and OpenMP
+    workers spin-waiting for a descheduled sibling made these tests 5-10x slower under
+    load. Speed is measured in benchmarks/engine_core.py, not here."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _models_dir() -> Path:
