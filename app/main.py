@@ -1,7 +1,7 @@
 """The FastAPI app factory of the ragloom REST API.
 
 Routes: ``/api/chat``, ``/api/sessions``, ``/api/collections`` (+ documents,
-uploads), ``/api/jobs``, ``/api/search``, ``/v1/chat/completions``,
+uploads), ``/api/jobs``, ``/api/search``, ``/api/eval/runs``, ``/v1/chat/completions``,
 ``/v1/models``, ``/health``, ``/ready``, ``/metrics``. Every route but
 ``/health`` needs ``Authorization: Bearer <key>`` unless ``RAGLOOM_API__AUTH=off``.
 
@@ -28,8 +28,10 @@ from app.errors import install_error_handlers
 from app.metrics import ApiMetrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.routes import chat, collections, health, openai, sessions
+from app.routes import eval as eval_routes
 from app.services.chat import ChatService
 from app.services.collections import CollectionService
+from app.services.eval_runs import EvalRunService
 from app.services.sessions import SessionStore
 from app.settings import Settings, get_settings
 from llm_backend import ChatBackend
@@ -99,6 +101,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        eval_runs.close()
         collection_service.close()
         close = getattr(state.chat.backend, "close", None)
         if owns_backend and callable(close):
@@ -109,6 +112,8 @@ def create_app(
 
     app = FastAPI(title="ragloom", version="0.1.0", lifespan=lifespan)
     app.state.ragloom = state
+    eval_runs = EvalRunService(settings, db, embedder)
+    app.state.eval_runs = eval_runs
     install_error_handlers(app)
 
     upload_limit = int(
@@ -124,7 +129,8 @@ def create_app(
 
     app.include_router(health.public)
     protected = [Depends(get_principal)]
-    for router in (health.router, chat.router, sessions.router, collections.router):
+    routers = (health.router, chat.router, sessions.router, collections.router, eval_routes.router)
+    for router in routers:
         app.include_router(router, dependencies=protected)
     app.include_router(openai.router, dependencies=protected)
     return app

@@ -111,6 +111,11 @@ class ApiSettings(BaseModel):
     backend_timeout_s: float = Field(
         default=2.0, gt=0, description="Health probe of the LLM backend (/ready, 503s)."
     )
+    eval_datasets_dir: Path | None = Field(
+        default=None,
+        description="Folder of BEIR datasets that POST /api/eval/runs may name (one "
+        "sub-folder each); default <data_dir>/eval-datasets.",
+    )
     agent_tools: list[str] = Field(
         default_factory=lambda: ["knowledge_base_search", "calculator", "current_datetime"],
         description="Tools the agent profile may call (add web_search to allow the web).",
