@@ -133,10 +133,13 @@ def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     for i, block in enumerate(model.blocks()):
-        _assign(gguf_file, block, _layer_state(gguf_file, args, i), f"layers.{i}.")
+        layer_state = _layer_state(gguf_file, args, i)
+        _assign(gguf_file, block, layer_state, f"layers.{i}.")
         if mode is not None:
             quantize_linears(block, mode)  # from the float32 weights
         block.to(dtype)
+        for norm in ("attention_norm", "ffn_norm"):  # norms stay float32 (not bf16-rounded)
+            getattr(block, norm).weight = nn.Parameter(layer_state[f"{norm}.weight"])
     top = _global_state(gguf_file, args)
     if tied:  # the output projection reads the embedding matrix
         embedding_shape = (args.vocab_size, args.dim)
@@ -159,6 +162,8 @@ def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
     model.to(dtype)
     if tied and mode is None:
         model.output.weight = model.tok_embeddings.weight
+    model.norm.weight = nn.Parameter(top["norm.weight"])
+    model.keep_norms_float32()
     # Non-persistent buffers were created on "meta"; setup_caches fills them later.
     model.rope_cos = torch.empty(0)
     model.rope_sin = torch.empty(0)
