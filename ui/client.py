@@ -111,7 +111,9 @@ class ApiClient:
 
     def _client(self, read_timeout: float | None = None) -> httpx.Client:
         timeout = httpx.Timeout(
-            self.settings.timeout_s, read=read_timeout or self.settings.timeout_s
+            self.settings.timeout_s,
+            connect=min(5.0, self.settings.timeout_s),
+            read=read_timeout or self.settings.timeout_s,
         )
         return httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
 
@@ -212,6 +214,11 @@ class ApiClient:
         """An ingestion job: ``status``, ``processed_files``/``total_files``, per-file ``files``."""
         return dict(self._json("GET", f"/api/jobs/{_segment(job_id)}"))
 
+    def search(self, query: str, collection: str, k: int = 5) -> list[dict[str, Any]]:
+        """Retrieval only (``POST /api/search``): ranked chunks with ``text`` and ``metadata``."""
+        body = {"query": query, "collection": collection, "k": k}
+        return list(self._json("POST", "/api/search", json=body)["results"])
+
     # -- sessions ------------------------------------------------------------------
 
     def sessions(self) -> list[dict[str, Any]]:
@@ -236,6 +243,7 @@ class ApiClient:
         collection: str | None = None,
         session_id: str | None = None,
         sampling: dict[str, Any] | None = None,
+        k: int | None = None,
     ) -> Iterator[SseEvent]:
         """Ask a question and yield the answer's SSE events as they arrive.
 
@@ -249,6 +257,8 @@ class ApiClient:
             body["collection"] = collection
         if session_id:
             body["session_id"] = session_id
+        if k is not None:
+            body["k"] = k
         if sampling:
             body["sampling"] = {k: v for k, v in sampling.items() if v is not None}
         headers = {"Accept": "text/event-stream"}

@@ -43,18 +43,40 @@ def source_label(citation: Mapping[str, Any]) -> str:
     parts = [title]
     if citation.get("page") is not None:
         parts.append(f"p. {citation['page']}")
-    if citation.get("section"):
+    if citation.get("section") and str(citation["section"]) != title:
         parts.append(str(citation["section"]))
     number = citation.get("number", citation.get("n"))
     head = f"[{number}] " if number is not None else ""
     return head + " · ".join(parts)
 
 
-def render_citations(citations: Sequence[Mapping[str, Any]]) -> None:
-    """The answer's sources: title, page/section, score, snippet and file name."""
+def hit_as_source(hit: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``POST /api/search`` hit in the shape of a citation (numbered by rank)."""
+    meta = hit.get("metadata") or {}
+    return {
+        "number": hit.get("rank"),
+        "doc_id": hit.get("doc_id"),
+        "source": meta.get("source"),
+        "title": meta.get("title"),
+        "page": meta.get("page"),
+        "section": meta.get("section"),
+        "snippet": hit.get("text"),
+        "score": hit.get("score"),
+    }
+
+
+def render_citations(citations: Sequence[Mapping[str, Any]], *, cited: bool = True) -> None:
+    """Sources: title, page/section, score, snippet and file name.
+
+    Args:
+        citations: Citations of the answer, or (``cited=False``) the retrieved
+            chunks the model was given when its answer cites none of them.
+        cited: Whether the answer cited these.
+    """
     if not citations:
         return
-    with st.expander(f"Sources ({len(citations)})", expanded=True, icon=":material/menu_book:"):
+    label = "Sources" if cited else "Retrieved sources (the answer cites none)"
+    with st.expander(f"{label} ({len(citations)})", expanded=True, icon=":material/menu_book:"):
         for citation in citations:
             score = citation.get("score")
             score_text = f" — score {score:.3f}" if isinstance(score, int | float) else ""
@@ -90,6 +112,7 @@ def render_message(message: Mapping[str, Any]) -> None:
         if role == "assistant":
             render_tool_trace(message.get("tool_calls") or [])
             render_citations(message.get("citations") or [])
+            render_citations(message.get("retrieved") or [], cited=False)
 
 
 def _clip(text: str, limit: int) -> str:

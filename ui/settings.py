@@ -25,7 +25,11 @@ class UiSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="API key sent as 'Authorization: Bearer'; unset when auth is off."
     )
-    timeout_s: float = Field(default=10.0, gt=0, description="Seconds to wait for a reply.")
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds to wait for a reply (the API loads its embedding model on first use).",
+    )
     chat_timeout_s: float = Field(
         default=180.0, gt=0, description="Seconds to wait for each piece of a streamed answer."
     )

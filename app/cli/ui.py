@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -31,8 +30,11 @@ def entry_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "streamlit_app.py"
 
 
-def streamlit_command(entry: Path, host: str, port: int) -> list[str]:
-    """The ``streamlit run`` command line: headless, no telemetry, no file watcher."""
+def streamlit_command(entry: Path, host: str, port: int, max_upload_mb: int = 50) -> list[str]:
+    """The ``streamlit run`` command line: headless, no telemetry, no file watcher.
+
+    ``max_upload_mb`` caps each uploaded file in the browser (the API's default limit).
+    """
     return [
         sys.executable,
         "-m",
@@ -51,6 +53,8 @@ def streamlit_command(entry: Path, host: str, port: int) -> list[str]:
         "none",
         "--client.toolbarMode",
         "minimal",
+        "--server.maxUploadSize",
+        str(max_upload_mb),
     ]
 
 
@@ -71,11 +75,9 @@ def ui(
     api_url = os.environ.get("RAGLOOM_UI__API_URL", "http://127.0.0.1:8000")
     typer.echo(f"ragloom UI on http://{host}:{port} (API: {api_url})", err=True)
     logger.info("running %s", " ".join(command))
-    try:
-        code = subprocess.call(command)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    sys.stderr.flush()
+    # Become the Streamlit process: signals (Ctrl-C, SIGTERM) reach it directly.
+    os.execv(sys.executable, command)
 
 
 def register(app: typer.Typer) -> None:

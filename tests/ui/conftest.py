@@ -53,6 +53,8 @@ def _answer(request: ChatRequest) -> ChatResponse:
         )
     if request.tools:
         return ChatResponse("The calculator says 42.", usage=Usage(10, 5))
+    if "animal" in str(request.messages[-1].content):
+        return ChatResponse("The mascot is a purple heron.", usage=Usage(10, 5))
     if "[1]" in str(request.messages):
         return ChatResponse(ANSWER, usage=Usage(10, 5))
     return ChatResponse("I know nothing about that.", usage=Usage(10, 5))

@@ -70,14 +70,17 @@ def test_chat_streams_a_sanitized_answer_with_sources_and_a_session(ui_env: Live
     assert "ninth of Brumaire" in text
     # Model text never renders an image or HTML tag.
     assert "![" not in text and "<img" not in text
-    assert "!\\[pixel]" in text  # streamed: the image opener is escaped piece by piece
+    assert "\\[image: pixel\\]" in text
     sources = [e for e in at.expander if e.label.startswith("Sources")]
     assert sources, [e.label for e in at.expander]
     source_text = "\n".join(str(m.value) for m in sources[0].markdown)
     assert "[1] Zorblat festival" in source_text and "score" in source_text
+    assert "Zorblat festival · Zorblat festival" not in source_text  # section = title: once
     assert any("ninth of Brumaire" in str(t.value) for t in sources[0].text)
     session_id = at.session_state["chat_session_id"]
     assert session_id
+    # The page redrew after the answer: the new session is in the sidebar.
+    assert at.sidebar.button(key=f"open_{session_id}").label.startswith("When is the Zorblat")
     assert ui_env.client.get(f"/api/sessions/{session_id}", headers=ui_env.headers).is_success
 
     # A new chat empties the page; the session list resumes the conversation.
@@ -173,14 +176,6 @@ def test_documents_duplicate_collection_is_one_line(ui_env: LiveApi) -> None:
     assert len(at.error) == 1 and "fest" in at.error[0].value
 
 
-def test_evaluation_page_explains_itself_while_the_route_is_missing(ui_env: LiveApi) -> None:
-    at = page("evaluation")
-    at.run()
-    assert not at.exception and not at.error
-    assert "retrieval evaluation runs" in at.info[0].value
-    assert "404" in all_text(at)
-
-
 def test_evaluation_table_from_runs() -> None:
     from ui.views.evaluation import flatten_run
 
@@ -188,3 +183,17 @@ def test_evaluation_table_from_runs() -> None:
         {"id": "r1", "config": {"mode": "hybrid"}, "metrics": {"ndcg@10": 0.7}, "x": [1]}
     )
     assert row == {"id": "r1", "config.mode": "hybrid", "ndcg@10": 0.7}
+
+
+def test_uncited_rag_answer_lists_the_retrieved_sources(ui_env: LiveApi) -> None:
+    at = page("chat")
+    at.run()
+    at.chat_input[0].set_value("Which animal is the festival mascot?").run()
+    assert not at.exception and not at.error
+    assert "purple heron" in all_text(at)
+    labels = [e.label for e in at.expander]
+    assert not any(label.startswith("Sources") for label in labels), labels
+    retrieved = [e for e in at.expander if e.label.startswith("Retrieved sources")]
+    assert retrieved, labels
+    assert "Zorblat festival" in "\n".join(str(m.value) for m in retrieved[0].markdown)
+    assert "upload:zorblat.md" in "\n".join(str(c.value) for c in retrieved[0].caption)

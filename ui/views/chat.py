@@ -13,6 +13,7 @@ from ui.client import ApiClient, ApiError, SseEvent
 from ui.render import (
     fail_page,
     get_client,
+    hit_as_source,
     render_citations,
     render_message,
     render_tool_trace,
@@ -130,6 +131,9 @@ def _sidebar(
             max_tokens = st.number_input(
                 "Max tokens", min_value=1, max_value=8192, value=256, step=32, key="chat_max_tokens"
             )
+            k = st.number_input(
+                "Sources to retrieve (k)", min_value=1, max_value=50, value=5, key="chat_k"
+            )
         st.button("New chat", icon=":material/add:", on_click=_new_chat, use_container_width=True)
         st.subheader("Sessions")
         if not sessions:
@@ -158,7 +162,29 @@ def _sidebar(
         "mode": mode,
         "collection": None if mode == "llm" else collection,
         "sampling": {"temperature": float(temperature), "max_tokens": int(max_tokens)},
+        "k": int(k),
     }
+
+
+def _retrieved(
+    client: ApiClient,
+    prompt: str,
+    options: dict[str, Any],
+    turn: StreamedTurn,
+    message: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The chunks a RAG answer was given, when it cites none of them (small models often don't)."""
+    done = turn.done or {}
+    if options["mode"] != "rag" or not options["collection"] or message["citations"]:
+        return []
+    if done.get("refused"):
+        return []
+    try:
+        hits = client.search(prompt, options["collection"], options["k"])
+    except ApiError as exc:
+        logger.warning("could not list the retrieved sources: %s", exc.message)
+        return []
+    return [hit_as_source(h) for h in hits]
 
 
 def _answer(client: ApiClient, prompt: str, options: dict[str, Any]) -> None:
@@ -173,6 +199,7 @@ def _answer(client: ApiClient, prompt: str, options: dict[str, Any]) -> None:
                 collection=options["collection"],
                 session_id=st.session_state.get(_SESSION),
                 sampling=options["sampling"],
+                k=options["k"] if options["collection"] else None,
             )
         )
         try:
@@ -186,9 +213,12 @@ def _answer(client: ApiClient, prompt: str, options: dict[str, Any]) -> None:
             st.markdown(sanitize_markdown(str(message["content"])))
         render_tool_trace(message["tool_calls"])
         render_citations(message["citations"])
+        message["retrieved"] = _retrieved(client, prompt, options, turn, message)
+        render_citations(message["retrieved"], cited=False)
     if turn.done and turn.done.get("session_id"):
         st.session_state[_SESSION] = turn.done["session_id"]
     st.session_state[_MESSAGES].append(message)
+    st.rerun()  # redraw from the history, with the session now in the sidebar list
 
 
 def render() -> None:

@@ -187,9 +187,12 @@ def render() -> None:
     notice = st.session_state.pop(_NOTICE, None)
     if notice:
         st.toast(sanitize_markdown(notice))
-    with st.expander("New collection", expanded=not collections, icon=":material/add:"):
+    with (
+        st.expander("New collection", expanded=not collections, icon=":material/add:"),
+        st.form("docs_new_collection", border=False),
+    ):
         st.text_input("Name", key="docs_new_name", placeholder="e.g. handbook")
-        st.button("Create collection", on_click=_create_collection, args=(client,))
+        st.form_submit_button("Create collection", on_click=_create_collection, args=(client,))
     if not collections:
         st.info("No collections yet: create one to upload documents.")
         return
