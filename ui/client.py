@@ -292,6 +292,29 @@ class ApiClient:
             data = data.get("data", [])
         return list(data or [])
 
+    def eval_run(self, run_id: str) -> dict[str, Any]:
+        """One run: ``status``, ``progress``, ``metrics`` {config: {metric: value}},
+        ``report`` (Markdown), ``plots`` {name: API path of a PNG}, ``error``."""
+        return dict(self._json("GET", f"/api/eval/runs/{_segment(run_id)}"))
+
+    def start_eval_run(
+        self, dataset: str, split: str, configs: dict[str, str], max_queries: int | None = None
+    ) -> dict[str, Any]:
+        """Start a retrieval evaluation of ``configs`` ({name: "mode[,key=value]"})."""
+        body: dict[str, Any] = {"dataset": dataset, "split": split, "configs": configs}
+        if max_queries:
+            body["max_queries"] = max_queries
+        return dict(self._json("POST", "/api/eval/runs", json=body))
+
+    def plot(self, path: str) -> bytes:
+        """A run's PNG plot, by the API path the run lists (only API paths are fetched)."""
+        if not path.startswith("/api/eval/runs/"):
+            raise ApiError(f"Refusing to fetch a plot outside the API: {path!r}.")
+        response = self._request("GET", path, headers={"Accept": "image/png"})
+        if not response.headers.get("content-type", "").startswith("image/png"):
+            raise ApiError(f"The plot {path} is not a PNG image.")
+        return response.content
+
 
 def _segment(value: str) -> str:
     """``value`` quoted for one URL path segment."""

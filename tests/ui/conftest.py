@@ -25,6 +25,7 @@ from app.auth import create_key
 from app.main import create_app
 from app.settings import AgentSettings, ApiSettings, Settings
 from llm_backend import ChatRequest, ChatResponse, ScriptedBackend, ToolCall, Usage
+from tests.eval.beir_fixtures import write_beir
 
 FACT = """# Zorblat festival
 
@@ -110,12 +111,21 @@ def embedder() -> Any:
 
 @pytest.fixture(scope="session")
 def live_api(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> Iterator[LiveApi]:
-    """The real API (auth on) with collection 'fest' holding the Zorblat document."""
+    """The real API (auth on) with collection 'fest' holding the Zorblat document.
+
+    Its eval datasets folder holds 'tiny', the BEIR fixture of the eval tests.
+    """
     data_dir: Path = tmp_path_factory.mktemp("ui-api")
+    write_beir(data_dir / "datasets" / "tiny")
     settings = Settings(
         data_dir=data_dir,
         agent=AgentSettings(min_score=0.0),
-        api=ApiSettings(auth="on", rate_limit_per_minute=10_000, max_upload_mb=1),
+        api=ApiSettings(
+            auth="on",
+            rate_limit_per_minute=10_000,
+            max_upload_mb=1,
+            eval_datasets_dir=data_dir / "datasets",
+        ),
     )
     app = create_app(settings, backend=Script(), embedder=embedder)
     _, key = create_key(app.state.ragloom.db, "acme")
