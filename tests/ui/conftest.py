@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,30 @@ def ui_env(monkeypatch: pytest.MonkeyPatch, live_api: LiveApi) -> LiveApi:
     monkeypatch.setenv("RAGLOOM_UI__API_KEY", live_api.key)
     monkeypatch.setenv("RAGLOOM_UI__JOB_TIMEOUT_S", "120")
     return live_api
+
+
+@pytest.fixture
+def api_without_eval() -> Iterator[str]:
+    """A loopback HTTP server answering 404 (in the API's error shape) to every request."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"error": {"message": "not found", "type": "not_found_error", "code": "nf"}}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -187,5 +187,18 @@ def test_chat_errors_before_the_stream_are_api_errors(live_api: LiveApi) -> None
     assert info.value.status == 404 and "no-such-collection" in info.value.message
 
 
-def test_eval_runs_is_none_while_the_route_is_missing(live_api: LiveApi) -> None:
-    assert _client(live_api.url, live_api.key).eval_runs() is None
+def test_eval_runs_is_none_when_the_api_has_no_eval_routes(api_without_eval: str) -> None:
+    assert _client(api_without_eval).eval_runs() is None
+    with pytest.raises(ApiError) as info:
+        _client(api_without_eval).collections()
+    assert info.value.status == 404 and "not found" in info.value.message
+
+
+def test_eval_runs_lists_runs(live_api: LiveApi) -> None:
+    runs = _client(live_api.url, live_api.key).eval_runs()
+    assert isinstance(runs, list)
+    with pytest.raises(ApiError) as info:
+        _client(live_api.url, live_api.key).eval_run("eval_missing")
+    assert info.value.status == 404
+    with pytest.raises(ApiError, match="outside the API"):
+        _client(live_api.url, live_api.key).plot("http://tracker.invalid/p.png")

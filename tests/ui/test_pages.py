@@ -216,6 +216,17 @@ def test_evaluation_bad_configs_and_unknown_dataset_are_one_line(ui_env: LiveApi
     assert len(at.error) == 1 and "no-such-dataset" in at.error[0].value
 
 
+def test_evaluation_page_explains_itself_without_eval_routes(
+    monkeypatch: pytest.MonkeyPatch, api_without_eval: str
+) -> None:
+    monkeypatch.setenv("RAGLOOM_UI__API_URL", api_without_eval)
+    at = page("evaluation")
+    at.run()
+    assert not at.exception and not at.error
+    assert "retrieval evaluation runs" in at.info[0].value
+    assert "404" in all_text(at)
+
+
 def test_parse_configs() -> None:
     from ui.views.evaluation import parse_configs
 
