@@ -59,6 +59,7 @@ class Tally:
     hit1: list[float] = field(default_factory=list)
     hit5: list[float] = field(default_factory=list)
     correct: list[float] = field(default_factory=list)
+    labels: Counter[str] = field(default_factory=Counter)
     valid_citations: int = 0
     emitted_citations: int = 0
     answers_with_citations: int = 0
@@ -172,6 +173,7 @@ async def run_backend(
         tally.hit5.append(float(item.qid in ranked_ids[:5]))
         label = None if result.refused else extract_label(result.answer, LABELS)
         tally.correct.append(float(label is not None and label == item.label))
+        tally.labels[label or "none"] += 1
         emitted = len(result.citations) + len(result.unknown_citations)
         tally.valid_citations += len(result.citations)
         tally.emitted_citations += emitted
@@ -187,13 +189,17 @@ async def run_backend(
 
 def rows(tally: Tally, answered: int) -> dict[str, str]:
     validity = (
-        tally.valid_citations / tally.emitted_citations if tally.emitted_citations else float("nan")
+        f"{tally.valid_citations / tally.emitted_citations:.1%}"
+        if tally.emitted_citations
+        else "n/a"
     )
+    given = "/".join(str(tally.labels[name]) for name in (*LABELS, "none"))
     return {
         "hit@1 (own context)": f"{_mean(tally.hit1):.1%}",
         "hit@5 (own context)": f"{_mean(tally.hit5):.1%}",
         "yes/no/maybe accuracy": f"{_mean(tally.correct):.1%}",
-        "citation validity": f"{validity:.1%} ({tally.valid_citations}/{tally.emitted_citations})",
+        "labels given yes/no/maybe/none": given,
+        "citation validity": f"{validity} ({tally.valid_citations}/{tally.emitted_citations})",
         "answers citing anything": f"{tally.answers_with_citations}/{answered}",
         "refusals / errors": f"{tally.refusals} / {tally.errors}",
         "TTFT p50 / p95 (ms)": f"{_pct(tally.ttft_ms, 0.5):.0f} / {_pct(tally.ttft_ms, 0.95):.0f}",
@@ -203,14 +209,14 @@ def rows(tally: Tally, answered: int) -> dict[str, str]:
     }
 
 
-def print_table(results: dict[str, Tally], items: list[Any]) -> None:
+def print_table(results: dict[str, Tally], items: list[Any], k: int) -> None:
     majority_label, majority_count = Counter(i.label for i in items).most_common(1)[0]
     columns = {name: rows(t, len(items) - t.errors) for name, t in results.items()}
     names = list(columns)
     metrics = list(next(iter(columns.values())))
     width = max(len(m) for m in metrics) + 2
     print()
-    print(f"PubMedQA dev, {len(items)} questions, k sources per answer as configured")
+    print(f"PubMedQA dev, {len(items)} questions, {k} sources per answer, hybrid retrieval")
     print(f"{'metric':<{width}}" + "".join(f"{n:>26}" for n in names))
     for metric in metrics:
         print(f"{metric:<{width}}" + "".join(f"{columns[n][metric]:>26}" for n in names))
@@ -268,7 +274,7 @@ def main() -> None:
                         await close_backend(backend)
 
                 results[name] = asyncio.run(go())
-    print_table(results, items)
+    print_table(results, items, args.k)
 
 
 if __name__ == "__main__":
