@@ -22,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
 @app.command()
 def version() -> None:
     """Print ragloom's version."""
