@@ -93,7 +93,8 @@ def render_tool_trace(tool_calls: Sequence[Mapping[str, Any]]) -> None:
     """The agent's tool calls and their results, collapsed."""
     if not tool_calls:
         return
-    with st.expander(f"Tool trace ({len(tool_calls)} calls)", icon=":material/build:"):
+    count = f"{len(tool_calls)} call" + ("s" if len(tool_calls) != 1 else "")
+    with st.expander(f"Tool trace ({count})", icon=":material/build:"):
         for i, call in enumerate(tool_calls, 1):
             failed = " (failed)" if call.get("error") else ""
             st.markdown(f"**{i}. {sanitize_markdown(str(call.get('name', '?')))}**{failed}")

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.eval.beir_fixtures import write_beir
 from tests.ui.conftest import FACT, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.integration]
@@ -97,6 +98,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     except EngineError as exc:
         pytest.skip(f"SmolLM2 is not available ({exc}); run `ragloom models pull smollm2-135m`")
     tmp = tmp_path_factory.mktemp("e2e")
+    write_beir(tmp / "data" / "eval-datasets" / "tiny")
     api_port, ui_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -176,5 +178,34 @@ def test_upload_ask_and_see_a_streamed_answer_with_its_source(servers: str, tmp_
             answer_text = answer.inner_text()
             assert len(answer_text.split()) >= 3, answer_text
             assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()
+
+
+def test_evaluation_run_in_the_browser(servers: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{servers}/evaluation")
+            wait_idle(page)
+            page.get_by_label("Dataset (a BEIR folder of the server)").fill("tiny")
+            page.get_by_role("button", name="Start").click()
+            deadline = time.monotonic() + 180
+            while not page.get_by_role("heading", name="Metrics").count():
+                assert time.monotonic() < deadline, "the eval run did not finish"
+                refresh = page.get_by_role("button", name="Refresh")
+                if refresh.count():
+                    refresh.click()
+                time.sleep(1)
+            expect(page.locator('[data-testid="stImage"] img').first).to_be_visible()
+            page.screenshot(path=str(ARTIFACTS / "ui_e2e_evaluation.png"), full_page=True)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            # Every image on the page comes from the UI server itself, none from elsewhere.
+            sources = page.eval_on_selector_all("img", "els => els.map(e => e.src)")
+            assert sources and all(src.startswith(servers) for src in sources), sources
         finally:
             browser.close()

@@ -127,7 +127,9 @@ def _run_detail(client: ApiClient, run_id: str) -> None:
         st.subheader("Metrics")
         st.dataframe(rows, hide_index=True)
         names = sorted({k for row in rows for k in row if k != "config"})
-        metric = st.selectbox("Metric", names, key="eval_metric")
+        preferred = next((n for n in ("ndcg@10", "recall@10", "mrr@10") if n in names), None)
+        index = names.index(preferred) if preferred else 0
+        metric = st.selectbox("Metric", names, index=index, key="eval_metric")
         st.bar_chart(
             {str(r["config"]): r.get(metric) for r in rows}, x_label="config", y_label=metric
         )
@@ -163,7 +165,7 @@ def render() -> None:
     st.subheader(f"Runs ({len(runs)})")
     st.dataframe([flatten_run(r) for r in runs], hide_index=True)
     ids = [str(r["id"]) for r in runs]
-    labels = {str(r["id"]): f"{r['id']} · {r.get('dataset')} · {r.get('status')}" for r in runs}
+    labels = {str(r["id"]): f"{r['id']} · {r.get('dataset')}" for r in runs}
     if st.session_state.get("eval_run") not in ids:
         st.session_state.pop("eval_run", None)
     run_id = st.selectbox("Run", ids, format_func=labels.__getitem__, key="eval_run")
