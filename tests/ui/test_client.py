@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from pydantic import SecretStr
@@ -63,35 +60,6 @@ def test_closed_port_is_one_friendly_line() -> None:
     assert "Cannot reach the API" in info.value.message and "\n" not in info.value.message
     with pytest.raises(ApiError, match="Cannot reach the API"):
         list(client.chat_stream("hello", mode="llm"))
-
-
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """A loopback server that accepts connections and never answers."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        sock.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(sock.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for conn in accepted:
-            conn.close()
-        sock.close()
 
 
 def test_slow_api_times_out_with_a_message(silent_server: str) -> None:

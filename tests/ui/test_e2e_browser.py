@@ -178,6 +178,8 @@ def test_upload_ask_and_see_a_streamed_answer_with_its_source(servers: str, tmp_
             answer_text = answer.inner_text()
             assert len(answer_text.split()) >= 3, answer_text
             assert page.locator('[data-testid="stException"]').count() == 0
+            images = page.eval_on_selector_all("img", "els => els.map(e => e.src)")
+            assert all(src.startswith((servers, "data:")) for src in images), images
         finally:
             browser.close()
 

@@ -50,6 +50,15 @@ def test_api_down_is_one_line_then_recovers(
     assert not at.exception and len(at.error) == 0
 
 
+def test_slow_api_is_one_line(monkeypatch: pytest.MonkeyPatch, silent_server: str) -> None:
+    monkeypatch.setenv("RAGLOOM_UI__API_URL", silent_server)
+    monkeypatch.setenv("RAGLOOM_UI__TIMEOUT_S", "0.5")
+    at = page("documents")
+    at.run()
+    assert not at.exception
+    assert len(at.error) == 1 and "did not answer in time" in at.error[0].value
+
+
 def test_wrong_key_is_one_line_401(monkeypatch: pytest.MonkeyPatch, ui_env: LiveApi) -> None:
     monkeypatch.setenv("RAGLOOM_UI__API_KEY", "sk-not-a-key")
     at = page("chat")
