@@ -27,6 +27,32 @@ def test_sanitize_markdown(text: str, expected: str) -> None:
     assert sanitize_markdown(text) == expected
 
 
+def test_code_blocks_stay_readable() -> None:
+    text = "Use this:\n\n```html\n<img src=x.png>\n![a](b)\n```\n\n<b>after</b>"
+    assert sanitize_markdown(text) == (
+        "Use this:\n\n```html\n<img src=x.png>\n![a](b)\n```\n\n&lt;b>after&lt;/b>"
+    )
+    indented = "code:\n\n    if a < b:\n        pass\n\ntext <i>"
+    assert sanitize_markdown(indented) == "code:\n\n    if a < b:\n        pass\n\ntext &lt;i>"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        # A fence opened inside a blockquote ends with it: the image line is prose.
+        "> ```\n![x](http://evil.invalid/p.png)\n```",
+        # Line separators other than \n must not shift the code lines.
+        "```\n\u2028\x0b\x0c\x1c\x85```\n![x](http://evil.invalid/p.png)\n",
+        "a\r![x](http://evil.invalid/p.png)\r\n```\ncode\n```",
+        # Escaped backticks are not code.
+        "\\`![x](http://evil.invalid/p.png)\\`",
+    ],
+)
+def test_code_detection_cannot_be_used_to_smuggle_an_image(attack: str) -> None:
+    out = sanitize_markdown(attack)
+    assert not _rendered_kinds(out) & {"image", "html_inline", "html_block"}, out
+
+
 def _unsafe(text: str) -> bool:
     return "![" in text or "<" in text
 
@@ -37,6 +63,54 @@ def test_sanitized_text_never_keeps_image_or_tag_openers() -> None:
     for _ in range(2000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         assert not _unsafe(sanitize_markdown(text)), text
+
+
+def _rendered_kinds(markdown: str) -> set[str]:
+    """Token types a CommonMark renderer sees in ``markdown`` (blocks and inline children)."""
+    from markdown_it import MarkdownIt
+
+    kinds = set()
+    for token in MarkdownIt("commonmark").parse(markdown):
+        kinds.add(token.type)
+        kinds.update(child.type for child in token.children or [])
+    return kinds
+
+
+def test_rendered_sanitized_text_has_no_image_or_html() -> None:
+    """Fuzz with code fences too: the parsed result never holds an image or raw HTML."""
+    rng = random.Random(11)
+    alphabet = [
+        "!",
+        "[",
+        "]",
+        "(",
+        ")",
+        "<",
+        ">",
+        "a",
+        " ",
+        "img",
+        "x.png",
+        "\n",
+        "```",
+        "> ",
+        "    ",
+        "`",
+        "\\",
+        "~~~",
+        "<img src=x.png>",
+        "![a](x.png)",
+        "- ",
+        "\r",
+        "\u2028",
+    ]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
+        kinds = _rendered_kinds(sanitize_markdown(text))
+        assert not kinds & {"image", "html_inline", "html_block"}, (text, kinds)
+    # The check itself can fail: unsanitized text does show images and HTML.
+    assert "image" in _rendered_kinds("![a](x.png)")
+    assert "html_inline" in _rendered_kinds("a <b>c</b>")
 
 
 def test_stream_sanitizer_is_safe_however_the_text_is_split() -> None:
