@@ -77,7 +77,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s:
 
 def wait_idle(page: Any) -> None:
     """Wait until the Streamlit page has connected and its script run has ended."""
-    page.wait_for_selector('[data-testid="stMain"]')
+    page.wait_for_selector('[data-testid="stMain"]', state="attached")
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"]')"
     )
@@ -170,8 +170,14 @@ def test_upload_ask_and_see_a_streamed_answer_with_its_source(servers: str, tmp_
                     if sources.count():
                         break
                 time.sleep(0.05)
-            page.screenshot(path=str(ARTIFACTS / "ui_e2e_chat.png"), full_page=True)
             assert sources.count(), "no source expander naming the uploaded document"
+            # After the answer the page redraws: the new session is listed in the sidebar.
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            expect(
+                sidebar.get_by_role("button", name="When is the Zorblat festival held?")
+            ).to_be_visible()
+            expect(page.locator('[data-testid="stStatusWidgetRunningIcon"]')).to_have_count(0)
+            page.screenshot(path=str(ARTIFACTS / "ui_e2e_chat.png"), full_page=True)
             assert len([n for n in lengths if n > 0]) >= 3, f"answer did not stream: {lengths}"
             expander_text = sources.first.inner_text()
             assert "upload:zorblat.md" in expander_text, expander_text
