@@ -56,7 +56,7 @@ def _setting_exists(name: str) -> bool:
 def test_docker_compose_config_accepts_the_file() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed: apt-get install -y docker-compose")
+        pytest.fail("docker-compose is not installed: bash scripts/setup.sh installs it")
     for profile in ("cpu", "gpu"):
         result = subprocess.run(
             [binary, "-f", str(COMPOSE), "--profile", profile, "config", "--quiet"],
@@ -100,6 +100,19 @@ def test_environment_names_settings_fields(compose: dict[str, Any]) -> None:
             if var.startswith("RAGLOOM_"):
                 assert _setting_exists(var), f"{name}: {var} is not a Settings field"
     assert not _setting_exists("RAGLOOM_API__NO_SUCH_FIELD")  # the check can fail
+
+
+def test_ui_environment_names_ui_settings_fields(compose: dict[str, Any]) -> None:
+    from ui.settings import UiSettings
+
+    service = compose["services"]["ui"]
+    names = [v for v in service.get("environment", {}) if v.startswith("RAGLOOM_")]
+    assert "RAGLOOM_UI__API_URL" in names
+    for var in names:
+        field = var.removeprefix("RAGLOOM_UI__").lower()
+        assert var.startswith("RAGLOOM_UI__") and field in UiSettings.model_fields, var
+    # inside the container the UI must listen beyond loopback for the published port
+    assert "0.0.0.0" in service["command"]
 
 
 def test_health_urls_are_routes_and_ports_agree(
