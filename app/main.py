@@ -82,7 +82,9 @@ def create_app(
     if embedder is None:
         from retrieval import SentenceTransformerEmbedder
 
-        embedder = SentenceTransformerEmbedder(settings.retrieval.embedding_model)
+        embedder = SentenceTransformerEmbedder(
+            settings.retrieval.embedding_model, query_dtype=settings.retrieval.query_dtype
+        )
     collection_service = CollectionService(settings, embedder, db, metrics)
     owns_backend = backend is None
     problem = None

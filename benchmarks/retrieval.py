@@ -40,6 +40,7 @@ import pytrec_eval
 
 from retrieval import HybridRetriever, Ingestor, SentenceTransformerEmbedder
 from retrieval.bm25_store import bm25_tokenize
+from retrieval.hybrid import DEFAULT_RRF_K
 from retrieval.types import SourceDocument, TextBlock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--fetch-k", type=int, default=100)
     parser.add_argument("--dense-weight", type=float, default=1.0)
     parser.add_argument("--bm25-weight", type=float, default=1.0)
+    parser.add_argument("--rrf-k", type=int, default=DEFAULT_RRF_K)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--skip-raw", action="store_true", help="do not time raw encode")
     args = parser.parse_args()
@@ -219,6 +221,7 @@ def main() -> None:
         fetch_k=args.fetch_k,
         dense_weight=args.dense_weight,
         bm25_weight=args.bm25_weight,
+        rrf_k=args.rrf_k,
     )
     retriever.warm_up()
     retriever.search("warm up the caches", mode="hybrid")
@@ -253,7 +256,7 @@ def main() -> None:
     print(
         f"SciFact train: {len(corpus)} docs -> {n_chunks} chunks, {len(queries)} queries, "
         f"k={K_EVAL}, fetch_k={args.fetch_k}, weights dense={args.dense_weight} "
-        f"bm25={args.bm25_weight}, rrf_k=60"
+        f"bm25={args.bm25_weight}, rrf_k={args.rrf_k}"
     )
     header = f"{'system':<34}{'nDCG@10':>9}{'R@100':>8}{'p50 ms':>9}{'p95 ms':>9}"
     print(header)

@@ -47,7 +47,9 @@ def _ingestor(settings: Settings, *, chunk_size: int, chunk_overlap: int, loader
 
     return Ingestor(
         settings.data_dir,
-        embedder=SentenceTransformerEmbedder(settings.retrieval.embedding_model),
+        embedder=SentenceTransformerEmbedder(
+            settings.retrieval.embedding_model, query_dtype=settings.retrieval.query_dtype
+        ),
         loader=loader,
         chroma_url=settings.retrieval.chroma_url,
         batch_chunks=settings.retrieval.ingest_batch_chunks,

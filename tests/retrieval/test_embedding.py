@@ -29,12 +29,24 @@ def test_embeddings_are_normalised_batched_and_semantic() -> None:
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
 
 
-def test_query_path_matches_document_path() -> None:
-    embedder = shared_embedder()
-    text = "How do tides depend on the moon?"
-    query = embedder.embed_query(text)
-    assert query.shape == (384,)
-    assert float(query @ embedder.embed_documents([text])[0]) == pytest.approx(1.0, abs=1e-4)
+@pytest.mark.parametrize(("query_dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 1e-3)])
+def test_query_path_matches_document_path(query_dtype: str, tolerance: float) -> None:
+    embedder = SentenceTransformerEmbedder("all-MiniLM-L6-v2", query_dtype=query_dtype)
+    texts = [
+        "How do tides depend on the moon?",
+        "0-dimensional biomaterials show inductive properties.",
+        "Which collection does the help centre search by default?",
+    ]
+    documents = embedder.embed_documents(texts)
+    for text, document in zip(texts, documents, strict=True):
+        query = embedder.embed_query(text)
+        assert query.shape == (384,) and query.dtype == np.float32
+        assert float(np.linalg.norm(query)) == pytest.approx(1.0, abs=1e-5)
+        assert float(query @ document) == pytest.approx(1.0, abs=tolerance)
+    # The bf16 copy is its own model: documents still go through the float32 one.
+    expected_query_dtype = "torch.float32" if query_dtype == "float32" else "torch.bfloat16"
+    assert str(next(embedder._query_model.parameters()).dtype) == expected_query_dtype  # type: ignore[union-attr]
+    assert str(next(embedder.model.parameters()).dtype) == "torch.float32"
 
 
 def test_empty_input_gives_empty_array() -> None:
@@ -58,6 +70,10 @@ def test_bad_arguments_are_refused() -> None:
         SentenceTransformerEmbedder(batch_size=0)
     with pytest.raises(ValueError, match="model_name"):
         SentenceTransformerEmbedder(" ")
+    with pytest.raises(
+        ValueError, match="query_dtype must be auto, float32 or bfloat16, got 'fp8'"
+    ):
+        SentenceTransformerEmbedder(query_dtype="fp8")
 
 
 def test_model_loads_lazily() -> None:

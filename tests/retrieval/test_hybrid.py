@@ -92,7 +92,7 @@ def test_hybrid_scores_are_the_fused_ranks(retriever: HybridRetriever) -> None:
     query = "knight jumps over pieces"
     dense = [(c.chunk_id, 0.0) for c in retriever.search(query, k=50, mode="dense")]
     lexical = [(c.chunk_id, 0.0) for c in retriever.search(query, k=50, mode="bm25")]
-    expected = rrf_fuse(dense, lexical, rrf_k=60)[:3]
+    expected = rrf_fuse(dense, lexical, rrf_k=retriever.rrf_k)[:3]
     got = retriever.search(query, k=3, mode="hybrid")
     assert [c.chunk_id for c in got] == [i for i, _ in expected]
     assert [c.score for c in got] == pytest.approx([s for _, s in expected])
