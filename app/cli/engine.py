@@ -22,8 +22,13 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
     quant: Annotated[
-        str, typer.Option("--quant", help="Weights: int8 | int4 | bf16 | fp32.")
-    ] = "int8",
+        str | None,
+        typer.Option(
+            "--quant",
+            help="Weights: auto (int4 for Q4_1 files, else int8) | int8 | int4 | bf16 | fp32 "
+            "[default: RAGLOOM_ENGINE__QUANT, auto].",
+        ),
+    ] = None,
     max_batch: Annotated[
         int, typer.Option("--max-batch", help="Concurrent sequences (KV-cache slots).")
     ] = 8,
@@ -42,6 +47,14 @@ def serve(
     models_dir: Annotated[
         Path | None, typer.Option("--models-dir", help="Where registry models live.")
     ] = None,
+    compile_decode: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the decode step (~1.5x faster decode; minutes to start) "
+            "[default: RAGLOOM_ENGINE__COMPILE_DECODE, off].",
+        ),
+    ] = None,
 ) -> None:
     """Load a GGUF model and serve /v1/chat/completions, /v1/completions, /metrics."""
     if not 1 <= port <= 65535:
@@ -50,6 +63,7 @@ def serve(
         fail(f"--max-batch must be >= 1, got {max_batch}")
     import uvicorn
 
+    from app.settings import get_settings
     from llm_backend.engine.async_engine import AsyncEngine
     from llm_backend.engine.errors import EngineError
     from llm_backend.engine.loader import load_model
@@ -57,13 +71,20 @@ def serve(
     from llm_backend.engine.scheduler import SchedulerConfig
     from llm_backend.engine.server import create_app
 
-    if models_dir is None:
-        from app.settings import get_settings
-
-        models_dir = get_settings().models_dir
+    settings = get_settings()
+    models_dir = models_dir if models_dir is not None else settings.models_dir
+    quant = quant if quant is not None else settings.engine.quant
+    if compile_decode is None:
+        compile_decode = settings.engine.compile_decode
     try:
         path = resolve_model(model, models_dir)
-        loaded = load_model(path, quant=quant, max_batch=max_batch, max_seq_len=max_seq_len)
+        loaded = load_model(
+            path,
+            quant=quant,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            compile_decode=compile_decode,
+        )
         config = SchedulerConfig(
             max_running=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk
         )

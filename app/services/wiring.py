@@ -48,6 +48,7 @@ def build_backend(
         max_batch=settings.engine.max_batch,
         max_seq_len=settings.engine.max_seq_len,
         max_waiting=settings.engine.max_queue,
+        compile_decode=settings.engine.compile_decode,
     )
 
 
