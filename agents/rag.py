@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from langchain_core.retrievers import BaseRetriever
@@ -83,8 +83,13 @@ class RagConfig:
             no LLM call) or ``"answer"`` (answer anyway).
         rewrite_follow_ups: Rewrite a question asked after history into a
             stand-alone query before retrieval.
-        max_answer_tokens: Output budget of the answer.
-        temperature: Sampling temperature of the answer (0 = greedy).
+        max_answer_tokens: Output budget of the answer (the answer's ``max_tokens``).
+        temperature: Sampling temperature of the answer (0 = greedy) when
+            ``sampling`` leaves it unset.
+        sampling: The answer's other sampling options (``top_p``, ``top_k``,
+            ``min_p``, penalties, ``seed``; its ``temperature`` wins over
+            ``temperature`` when set). Its ``max_tokens`` must be unset or equal
+            ``max_answer_tokens``. The follow-up rewrite ignores it and stays greedy.
         max_source_chars: Each source's text is cut to this many characters.
         system_prompt: The answerer's instructions.
         refusal_message: What a refused answer says.
@@ -97,6 +102,7 @@ class RagConfig:
     rewrite_follow_ups: bool = True
     max_answer_tokens: int = 256
     temperature: float = 0.0
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     max_source_chars: int = 1200
     system_prompt: str = RAG_SYSTEM_PROMPT
     refusal_message: str = REFUSAL_MESSAGE
@@ -114,8 +120,22 @@ class RagConfig:
             )
         if self.max_answer_tokens < 1:
             raise ValueError(f"max_answer_tokens must be >= 1, got {self.max_answer_tokens}")
+        if self.sampling.max_tokens not in (None, self.max_answer_tokens):
+            raise ValueError(
+                f"sampling.max_tokens ({self.sampling.max_tokens}) differs from "
+                f"max_answer_tokens ({self.max_answer_tokens}); set the budget there"
+            )
         if self.max_source_chars < 50:
             raise ValueError(f"max_source_chars must be >= 50, got {self.max_source_chars}")
+
+    def answer_sampling(self) -> SamplingOptions:
+        """The answer call's options: ``sampling`` with the temperature and budget filled in."""
+        temperature = self.sampling.temperature
+        return replace(
+            self.sampling,
+            temperature=self.temperature if temperature is None else temperature,
+            max_tokens=self.max_answer_tokens,
+        )
 
 
 @dataclass(slots=True)
@@ -244,12 +264,7 @@ class RagAnswerer:
             return
 
         messages = self._messages(question, history, sources)
-        request = ChatRequest(
-            messages,
-            sampling=SamplingOptions(
-                temperature=config.temperature, max_tokens=config.max_answer_tokens
-            ),
-        )
+        request = ChatRequest(messages, sampling=config.answer_sampling())
         parts: list[str] = []
         usage: Usage | None = None
         finish_reason: str | None = None
@@ -304,6 +319,7 @@ class RagAnswerer:
                     REWRITE_USER_TEMPLATE.format(conversation="\n".join(lines), question=question)
                 ),
             ],
+            # greedy and unpenalized whatever the answer uses: the query must be stable
             sampling=SamplingOptions(temperature=0.0, max_tokens=64),
         )
         try:

@@ -1,6 +1,7 @@
 """Pydantic models at the HTTP edge, in families (``XCreate``, ``XPublic``, ``XsPublic``).
 
-Sampling fields carry OpenAI's names; ``finish_reason`` is ``stop | length | tool_calls``.
+Sampling fields carry OpenAI's names (``top_k``, ``min_p`` and ``repetition_penalty``
+vLLM's); ``finish_reason`` is ``stop | length | tool_calls``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ class Sampling(BaseModel):
 
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="0 disables it.")
+    min_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=8192)
     seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=2, description="1 = off; default: the server's agent setting."
+    )
     stop: list[str] | None = Field(default=None, max_length=8)
 
 
@@ -250,6 +258,13 @@ class ChatCompletionIn(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
     seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    top_k: int | None = Field(default=None, ge=0, description="Extra body field (vLLM's).")
+    min_p: float | None = Field(default=None, ge=0, le=1, description="Extra body field.")
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=2, description="Extra body field."
+    )
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -85,10 +85,26 @@ class AgentSettings(BaseModel):
     )
     on_low_score: Literal["refuse", "answer"] = "refuse"
     max_answer_tokens: int = Field(default=256, ge=1)
+    repetition_penalty: float | None = Field(
+        default=1.1,
+        gt=0,
+        le=2,
+        description="Used when an API chat request (/api/chat, /v1/chat/completions) leaves "
+        "it unset; small models loop without it. 1 = off; 'none' sends no value (for "
+        "servers that reject the field, e.g. api.openai.com).",
+    )
     max_steps: int = Field(default=6, ge=1, le=50)
     tool_timeout_s: float = Field(default=20.0, gt=0)
     max_tool_output_chars: int = Field(default=4000, ge=100)
     web_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("repetition_penalty", mode="before")
+    @classmethod
+    def _none_words(cls, value: object) -> object:
+        """``none`` or ``null`` (as an environment variable says it) -> None."""
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            return None
+        return value
 
 
 class LLMSettings(BaseModel):

@@ -21,8 +21,7 @@ from app.deps import ChatDep, PrincipalDep, SessionsDep, SettingsDep, StateDep
 from app.errors import ApiError, error_body
 from app.routes.streaming import STREAM_HEADERS, TimedStream
 from app.schemas import ChatIn, ChatOut
-from app.services.chat import ChatTurn, TurnResult
-from llm_backend import SamplingOptions
+from app.services.chat import ChatTurn, TurnResult, sampling_options
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api", tags=["chat"])
@@ -58,23 +57,13 @@ async def chat(
     state: StateDep,
 ) -> Any:
     """Answer a message; follow-ups in a session see the session's history."""
-    sampling = body.sampling
-    try:
-        options = SamplingOptions(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-        )
-    except ValueError as exc:
-        raise ApiError(422, str(exc), "invalid_request", param="sampling") from exc
     turn = ChatTurn(
         tenant=who.tenant,
         mode=body.mode,
         question=body.message,
         collection=body.collection,
-        sampling=options,
-        stop=sampling.stop,
+        sampling=sampling_options(body.sampling.model_dump(), param="sampling"),
+        stop=body.sampling.stop,
         k=body.k,
     )
     service.check(turn)

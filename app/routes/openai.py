@@ -4,7 +4,10 @@
 field), ``agent`` (tools), or the backend's own model (plain passthrough,
 tools included). Streams use OpenAI's chunk shapes and end with ``[DONE]``;
 citations ride on a chunk as an extra ``citations`` field and agent tool steps
-as ``tool_event``, which plain clients ignore.
+as ``tool_event``, which plain clients ignore. Sampling takes OpenAI's fields
+and vLLM's extra body fields ``top_k``, ``min_p`` and ``repetition_penalty``;
+in every profile an unset ``repetition_penalty`` gets the server's default
+(``agent.repetition_penalty``), as on ``/api/chat``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from app.deps import ChatDep, PrincipalDep, SettingsDep, StateDep
 from app.errors import ApiError, error_body
 from app.routes.streaming import STREAM_HEADERS, TimedStream
 from app.schemas import ChatCompletionIn, ModelCard, ModelList, OpenAIMessage
-from app.services.chat import ChatService, ChatTurn, TurnResult, api_error_of, tool_call_of
+from app.services.chat import (
+    SAMPLING_FIELDS,
+    ChatService,
+    ChatTurn,
+    TurnResult,
+    api_error_of,
+    sampling_options,
+    tool_call_of,
+)
 from app.settings import Settings
 from llm_backend import BackendError, ChatChunk, ChatMessage, ChatRequest, SamplingOptions
 
@@ -48,15 +59,11 @@ async def models(_: PrincipalDep, settings: SettingsDep, service: ChatDep) -> Mo
 
 
 def _sampling(body: ChatCompletionIn) -> SamplingOptions:
-    try:
-        return SamplingOptions(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            seed=body.seed,
-        )
-    except ValueError as exc:
-        raise ApiError(422, str(exc), "invalid_request") from exc
+    """The body's sampling fields (OpenAI's and the extras ``top_k``, ``min_p``,
+    ``repetition_penalty``), as ``/api/chat`` takes them."""
+    values = body.model_dump(include=set(SAMPLING_FIELDS))
+    values["max_tokens"] = body.max_completion_tokens or body.max_tokens
+    return sampling_options(values)
 
 
 def _stops(body: ChatCompletionIn) -> list[str] | None:
@@ -231,7 +238,7 @@ async def _passthrough(body: ChatCompletionIn, service: ChatService, state: Stat
             tools=body.tools,
             tool_choice=body.tool_choice,  # type: ignore[arg-type]
             response_format=body.response_format,
-            sampling=_sampling(body),
+            sampling=service.sampling_for(_sampling(body)),
             stop=_stops(body),
             model=body.model,
         )

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from agents import (
@@ -68,7 +68,8 @@ class ChatTurn:
         question: The user's message.
         collection: The tenant's collection (required for ``rag``; optional for ``agent``).
         history: Earlier turns, oldest first.
-        sampling: Sampling options (``max_tokens`` bounds the answer).
+        sampling: Sampling options as requested (unset fields get the server's
+            defaults, see ``ChatService.sampling_for``).
         stop: Stop strings (``llm`` mode).
         k: Chunks to retrieve (default: settings).
     """
@@ -106,6 +107,21 @@ class TurnResult:
             "completion_tokens": self.usage.completion_tokens,
             "total_tokens": self.usage.total_tokens,
         }
+
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingOptions))
+
+
+def sampling_options(values: Mapping[str, Any], *, param: str | None = None) -> SamplingOptions:
+    """``SamplingOptions`` from a request body's fields of the same names (others ignored).
+
+    Raises:
+        ApiError: 422 for a value the options reject (the schemas' bounds catch most first).
+    """
+    try:
+        return SamplingOptions(**{name: values[name] for name in SAMPLING_FIELDS if name in values})
+    except ValueError as exc:
+        raise ApiError(422, str(exc), "invalid_request", param=param) from exc
 
 
 def api_error_of(exc: Exception) -> ApiError:
@@ -207,29 +223,50 @@ class ChatService:
         except (BackendError, RetrievalError, ValueError, TimeoutError) as exc:
             raise api_error_of(exc) from exc
 
-    def _config(self, turn: ChatTurn) -> tuple[int, int]:
-        agent = self.settings.agent
-        return turn.k or agent.k, turn.sampling.max_tokens or agent.max_answer_tokens
+    def sampling_for(
+        self, requested: SamplingOptions, *, max_tokens: int | None = None
+    ) -> SamplingOptions:
+        """``requested`` with the server's defaults in the fields it leaves unset.
+
+        ``repetition_penalty`` defaults to ``settings.agent.repetition_penalty``
+        (None there sends none); ``max_tokens`` to the given budget (None keeps the
+        backend's). Other unset fields stay unset: the backend's defaults apply
+        (the RAG answer's temperature is 0 unless set, see ``RagConfig``).
+        """
+        penalty = requested.repetition_penalty
+        return replace(
+            requested,
+            max_tokens=requested.max_tokens or max_tokens,
+            repetition_penalty=self.settings.agent.repetition_penalty
+            if penalty is None
+            else penalty,
+        )
+
+    def _sampling(self, turn: ChatTurn) -> SamplingOptions:
+        """The one sampling of a turn, whatever its mode (answer budget: the settings')."""
+        return self.sampling_for(turn.sampling, max_tokens=self.settings.agent.max_answer_tokens)
 
     def _rag(self, backend: ChatBackend, turn: ChatTurn) -> AsyncIterator[Any]:
         assert turn.collection is not None
-        k, max_tokens = self._config(turn)
         agent = self.settings.agent
+        k = turn.k or agent.k
+        sampling = self._sampling(turn)
+        assert sampling.max_tokens is not None
         retriever = self.collections.retriever(turn.tenant, turn.collection, k)
         config = RagConfig(
             k=k,
             min_score=agent.min_score,
             on_low_score=agent.on_low_score,
-            max_answer_tokens=max_tokens,
-            temperature=turn.sampling.temperature or 0.0,
+            max_answer_tokens=sampling.max_tokens,
+            sampling=sampling,
         )
         return RagAnswerer(retriever, backend, config).stream(turn.question, turn.history)
 
     def _agent(self, backend: ChatBackend, turn: ChatTurn) -> AsyncIterator[Any]:
         from llm_backend import ChatBackendModel
 
-        k, max_tokens = self._config(turn)
         agent = self.settings.agent
+        k = turn.k or agent.k
         retriever = None
         tools = list(self.settings.api.agent_tools)
         if turn.collection is not None:
@@ -245,26 +282,14 @@ class ChatService:
             max_tool_output_chars=agent.max_tool_output_chars,
             require_tool_first=retriever is not None,
         )
-        sampling = SamplingOptions(
-            max_tokens=max_tokens,
-            temperature=turn.sampling.temperature,
-            top_p=turn.sampling.top_p,
-            seed=turn.sampling.seed,
-        )
-        model = ChatBackendModel(backend=backend, sampling=sampling)
+        model = ChatBackendModel(backend=backend, sampling=self._sampling(turn))
         return ToolAgent(model, registry, profile).stream(turn.question, turn.history)
 
     async def _llm(
         self, backend: ChatBackend, turn: ChatTurn
     ) -> AsyncIterator[ChatEvent | TurnResult]:
         started = time.perf_counter()
-        _, max_tokens = self._config(turn)
-        sampling = SamplingOptions(
-            temperature=turn.sampling.temperature,
-            top_p=turn.sampling.top_p,
-            max_tokens=max_tokens,
-            seed=turn.sampling.seed,
-        )
+        sampling = self._sampling(turn)
         messages = [*turn.history, ChatMessage.user(turn.question)]
         parts: list[str] = []
         usage: Usage | None = None

@@ -7,7 +7,7 @@ from langchain_core.documents import Document
 
 from agents.events import CitationsEvent, DoneEvent, TokenEvent
 from agents.rag import RagAnswer, RagAnswerer, RagConfig, clean_rewrite
-from llm_backend import ChatMessage, ChatRequest, ChatResponse, ScriptedBackend
+from llm_backend import ChatMessage, ChatRequest, ChatResponse, SamplingOptions, ScriptedBackend
 from llm_backend.errors import BackendUnavailable, ContextTooLong
 from tests.agents.conftest import ListRetriever, doc
 
@@ -122,6 +122,46 @@ async def test_follow_up_is_rewritten_before_retrieval(three_docs: list[Document
     assert roles == ["system", "user", "assistant", "user"]
     assert (answer_request.messages[-1].content or "").endswith("Question: How much does it cost?")
     assert [c.doc_id for c in result.citations] == ["doc2"]
+
+
+async def test_answer_uses_the_config_sampling_and_the_rewrite_stays_greedy(
+    three_docs: list[Document],
+) -> None:
+    sampling = SamplingOptions(
+        top_p=0.9, top_k=40, min_p=0.05, seed=7, presence_penalty=0.5, repetition_penalty=1.3
+    )
+    answerer, backend, _ = answerer_for(
+        three_docs,
+        [ChatResponse("How much does the Pro plan cost?"), ChatResponse("12 EUR [2].")],
+        max_answer_tokens=100,
+        sampling=sampling,
+    )
+    history = [ChatMessage.user("The Pro plan?"), ChatMessage.assistant("For teams [2].")]
+    await answerer.answer("How much does it cost?", history)
+    rewrite_request, answer_request = backend.requests
+    # the answer: every option of the config's sampling, greedy (temperature unset there)
+    assert answer_request.sampling == SamplingOptions(
+        temperature=0.0,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        max_tokens=100,
+        seed=7,
+        presence_penalty=0.5,
+        repetition_penalty=1.3,
+    )
+    # the rewrite: deterministic and unpenalized whatever the answer uses
+    assert rewrite_request.sampling == SamplingOptions(temperature=0.0, max_tokens=64)
+
+
+def test_config_sampling_temperature_wins_and_budget_conflicts_are_refused() -> None:
+    config = RagConfig(temperature=0.2, sampling=SamplingOptions(temperature=0.8))
+    assert config.answer_sampling().temperature == 0.8
+    assert RagConfig(temperature=0.2).answer_sampling().temperature == 0.2
+    same = RagConfig(max_answer_tokens=64, sampling=SamplingOptions(max_tokens=64))
+    assert same.answer_sampling().max_tokens == 64
+    with pytest.raises(ValueError, match=r"sampling\.max_tokens \(32\) differs"):
+        RagConfig(max_answer_tokens=64, sampling=SamplingOptions(max_tokens=32))
 
 
 @pytest.mark.parametrize("reply", ["", "   \n", "???", "...\n!!!"])

@@ -15,10 +15,20 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.auth import create_key, hash_key
 from app.main import create_app
-from llm_backend import ChatChunk, ChatRequest, ChatResponse, ScriptedBackend, ToolCall, Usage
+from app.settings import ApiSettings, Settings
+from llm_backend import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    SamplingOptions,
+    ScriptedBackend,
+    ToolCall,
+    Usage,
+)
 from tests.app.conftest import FAQ, PETS, make_settings, parse_sse, wait_job
 
 
@@ -243,6 +253,137 @@ def test_openai_route_shapes(env: dict[str, Any], faq: dict[str, Any]) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     r = client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": msgs}, headers=a)
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+SAMPLING = {
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 20,
+    "min_p": 0.05,
+    "max_tokens": 100,
+    "seed": 3,
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "repetition_penalty": 1.3,
+}
+
+
+def _requests_of(env: dict[str, Any], call: Any) -> list[ChatRequest]:
+    """The backend requests ``call()`` made (after checking it answered 200)."""
+    before = len(env["backend"].requests)
+    r = call()
+    assert r.status_code == 200, r.text
+    made = env["backend"].requests[before:]
+    assert made, "the backend was not called"
+    return list(made)
+
+
+@pytest.mark.parametrize("mode", ["rag", "agent", "llm"])
+def test_chat_sampling_reaches_the_backend(
+    env: dict[str, Any], faq: dict[str, Any], mode: str
+) -> None:
+    client, a = env["client"], env["a"]
+    body = {"message": "How long do refunds take?", "collection": "faq", "mode": mode}
+    body |= {"stream": False, "sampling": SAMPLING}
+    made = _requests_of(env, lambda: client.post("/api/chat", json=body, headers=a))
+    for request in made:  # the agent's tool step and its answer alike
+        assert request.sampling == SamplingOptions(**SAMPLING)
+
+
+@pytest.mark.parametrize("mode", ["rag", "agent", "llm"])
+def test_chat_sampling_defaults_when_unset(
+    env: dict[str, Any], faq: dict[str, Any], mode: str
+) -> None:
+    client, a = env["client"], env["a"]
+    body = {"message": "How long do refunds take?", "collection": "faq", "mode": mode}
+    body |= {"stream": False, "sampling": {"top_k": 5}}
+    made = _requests_of(env, lambda: client.post("/api/chat", json=body, headers=a))
+    settings = env["state"].settings.agent
+    assert settings.repetition_penalty == 1.1 and settings.max_answer_tokens == 256
+    for request in made:
+        assert request.sampling.repetition_penalty == 1.1
+        assert request.sampling.max_tokens == 256
+        assert request.sampling.top_k == 5
+        # RAG answers greedily unless asked; the other modes keep the backend's default
+        assert request.sampling.temperature == (0.0 if mode == "rag" else None)
+    # an explicit 1.0 (off) is kept, not replaced by the default
+    body["sampling"] = {"repetition_penalty": 1.0}
+    made = _requests_of(env, lambda: client.post("/api/chat", json=body, headers=a))
+    assert {r.sampling.repetition_penalty for r in made} == {1.0}
+
+
+@pytest.mark.parametrize("model", ["rag", "agent", "raw"])
+def test_openai_route_sampling_reaches_the_backend(
+    env: dict[str, Any], faq: dict[str, Any], model: str
+) -> None:
+    client, a = env["client"], env["a"]
+    if model == "raw":
+        model = client.get("/v1/models", headers=a).json()["data"][2]["id"]
+    body: dict[str, Any] = {"model": model, "collection": "faq"}
+    body["messages"] = [{"role": "user", "content": "How long do refunds take?"}]
+    extra = {**SAMPLING, "max_completion_tokens": SAMPLING["max_tokens"]}
+    del extra["max_tokens"]
+    made = _requests_of(
+        env, lambda: client.post("/v1/chat/completions", json=body | extra, headers=a)
+    )
+    for request in made:
+        assert request.sampling == SamplingOptions(**SAMPLING)
+    made = _requests_of(env, lambda: client.post("/v1/chat/completions", json=body, headers=a))
+    for request in made:
+        assert request.sampling.repetition_penalty == 1.1
+        assert request.sampling.top_k is None and request.sampling.presence_penalty is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", -1),
+        ("min_p", 1.5),
+        ("min_p", -0.1),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", 2.5),
+    ],
+)
+def test_out_of_range_sampling_is_422_naming_the_field(
+    env: dict[str, Any], faq: dict[str, Any], field: str, value: float
+) -> None:
+    client, a = env["client"], env["a"]
+    before = len(env["backend"].requests)
+    body = {"message": "hi", "mode": "llm", "stream": False, "sampling": {field: value}}
+    r = client.post("/api/chat", json=body, headers=a)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith(f"sampling.{field}: ")
+    messages = [{"role": "user", "content": "hi"}]
+    for model in ("rag", "agent", client.get("/v1/models", headers=a).json()["data"][2]["id"]):
+        openai_body = {"model": model, "collection": "faq", "messages": messages, field: value}
+        r = client.post("/v1/chat/completions", json=openai_body, headers=a)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == field
+        assert r.json()["error"]["message"].startswith(f"{field}: ")
+    assert len(env["backend"].requests) == before  # refused before the backend
+
+
+def test_repetition_penalty_setting(
+    tmp_path: Path, embedder: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAGLOOM_AGENT__REPETITION_PENALTY", "1.25")
+    assert Settings().agent.repetition_penalty == 1.25
+    monkeypatch.setenv("RAGLOOM_AGENT__REPETITION_PENALTY", "none")
+    settings = Settings(data_dir=tmp_path, api=ApiSettings(auth="off"))
+    assert settings.agent.repetition_penalty is None
+    monkeypatch.setenv("RAGLOOM_AGENT__REPETITION_PENALTY", "2.5")
+    with pytest.raises(ValidationError, match="repetition_penalty"):
+        Settings()
+    backend = Script()
+    app = create_app(settings, backend=backend, embedder=embedder)
+    with TestClient(app) as client:  # 'none': no default is sent
+        r = client.post("/api/chat", json={"message": "hi", "mode": "llm", "stream": False})
+        assert r.status_code == 200, r.text
+    assert backend.requests[-1].sampling.repetition_penalty is None
 
 
 def test_limits_and_error_shape(env: dict[str, Any], faq: dict[str, Any]) -> None:
