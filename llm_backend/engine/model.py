@@ -429,7 +429,10 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def warm_up_decode(self, batch_sizes: tuple[int, ...] = (1, 2)) -> None:
         """Compile the decode graphs the scheduler uses (slots given) for ``batch_sizes``
-        by running a step on slots 0..B-1 at position 0 (overwritten by the next prefill).
+        by running steps on slots 0..B-1 at positions 2 and 3 (overwritten by the next
+        prefill). Sizes 0 and 1 are specialized by the compiler, so the batch sizes
+        should include one > 1 and ``kv_len`` stays >= 2 here: the graphs built are the
+        symbolic ones real requests reuse.
         """
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
@@ -437,9 +440,10 @@ class Transformer(nn.Module):
         for batch in batch_sizes:
             batch = min(batch, self.max_batch)
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
-            positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-            for _ in range(2):  # the second call checks the guards hold (no recompile)
-                self(tokens, positions, torch.arange(batch, device=device), kv_len=1)
+            slots = torch.arange(batch, device=device)
+            for position in (2, 3):  # the second call reuses the graph (kv_len symbolic)
+                positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
+                self(tokens, positions, slots, kv_len=position + 1)
 
     def _run(
         self,

@@ -58,6 +58,10 @@ def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
     fast = Int4Linear(linear, group_size)
     assert fast.use_kernel == quantize_module._HAS_INT4_CPU_KERNEL
     torch.testing.assert_close(fast(x).float(), expected, atol=0.05, rtol=0.02)
+    many = torch.randn(quantize_module.DEQUANT_MIN_ROWS + 3, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(  # a prefill's rows take the dequantized bf16 matmul
+        fast(many).float(), many.float() @ dequant.T, atol=0.05, rtol=0.02
+    )
     monkeypatch.setattr(quantize_module, "_HAS_INT4_CPU_KERNEL", False)
     slow = Int4Linear(linear, group_size)
     assert not slow.use_kernel
