@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
+from llm_backend.engine.quantize import DEQUANT_MIN_ROWS
 
 
 @dataclass
@@ -427,16 +428,20 @@ class Transformer(nn.Module):
         self._compiled_run = torch.compile(self._run, dynamic=True)
 
     @torch.inference_mode()
-    def warm_up_decode(self, batch_sizes: tuple[int, ...] = (1, 2)) -> None:
+    def warm_up_decode(self, batch_sizes: tuple[int, ...] | None = None) -> None:
         """Compile the decode graphs the scheduler uses (slots given) for ``batch_sizes``
         by running steps on slots 0..B-1 at positions 2 and 3 (overwritten by the next
         prefill). Sizes 0 and 1 are specialized by the compiler, so the batch sizes
         should include one > 1 and ``kv_len`` stays >= 2 here: the graphs built are the
-        symbolic ones real requests reuse.
+        symbolic ones real requests reuse. By default (1, 2), plus ``max_batch`` when
+        that many rows switch the quantized linears to their dequantized path
+        (``DEQUANT_MIN_ROWS``), a branch the compiler guards on.
         """
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
         device = self.tok_embeddings.weight.device
+        if batch_sizes is None:
+            batch_sizes = (1, 2) + ((self.max_batch,) if self.max_batch >= DEQUANT_MIN_ROWS else ())
         for batch in batch_sizes:
             batch = min(batch, self.max_batch)
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
