@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="questions asked (first N)")
     parser.add_argument("--k", type=int, default=5, help="sources per answer")
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--quant", default="int8", help="our engine's weights")
+    parser.add_argument("--quant", default="auto", help="our engine's weights")
     parser.add_argument("--vllm-url", default=None, help="a running vLLM-CPU /v1 URL")
     parser.add_argument("--vllm-model", default="smollm2-135m", help="its served model name")
     parser.add_argument("--with-vllm", action="store_true", help="start vLLM-CPU here")
