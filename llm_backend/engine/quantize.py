@@ -137,9 +137,9 @@ class Int4Linear(nn.Module):
         if self.use_kernel:
             packed = torch._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES)
             self.register_buffer("weight", packed)  # (N, K/2) uint8, the kernel's layout
-            # (G, N, 2): per group and output channel, (scale, zero).
-            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1)
-            self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous().bfloat16())
+            # (G, N, 2): per group and output channel, (scale, zero): the kernel's order.
+            scales_and_zeros = self.codes_scales.transpose(0, 1).contiguous()
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
         self.codes: Tensor
