@@ -26,7 +26,7 @@ from torch import nn
 from llm_backend.engine.errors import EngineError, ModelFileError
 from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.model import ModelArgs, Transformer, unpermute_llama_qk
-from llm_backend.engine.quantize import quantize_linears
+from llm_backend.engine.quantize import cpu_has_native_bf16, quantize_linears
 from llm_backend.engine.tokenizer import EngineTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation dtype (float32 for fp32, bfloat16 otherwise)."""
+        """Activation dtype (see ``activation_dtype``)."""
         return self.model.dtype
 
 
@@ -134,12 +134,35 @@ def _assign(
     module.load_state_dict(state, assign=True, strict=True)
 
 
-def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
+def activation_dtype(quant: str, device: str = "cpu") -> torch.dtype:
+    """The dtype a model loaded as ``quant`` computes in on ``device``.
+
+    ``fp32`` -> float32 and ``bf16`` -> bfloat16, as asked. ``int8`` / ``int4`` ->
+    bfloat16 where bf16 matmuls are native (a GPU; a CPU with AVX512-BF16 or AMX),
+    else float32: on an AVX2-only CPU a bf16 prefill matmul runs 6x slower than
+    float32, while the int kernels still take bf16 (``quantize`` casts for them).
+    """
+    if quant == "fp32":
+        return torch.float32
+    if quant == "bf16" or not device.startswith("cpu") or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model(
+    gguf_file: GGUFFile, quant: str = "fp32", dtype: torch.dtype | None = None
+) -> Transformer:
     """A ``Transformer`` holding the file's weights in precision ``quant`` (no caches yet).
 
     Works block by block: each block's tensors are dequantized to float32, quantized
     from float32 (int8 / int4) and cast (bf16) before the next block is read, so peak
     memory stays near the final model size.
+
+    Args:
+        gguf_file: The open file.
+        quant: ``fp32`` | ``bf16`` | ``int8`` | ``int4``.
+        dtype: Activation dtype (embedding, norms' output, KV cache); None picks
+            ``activation_dtype(quant)`` for this CPU.
     """
     meta = gguf_file.metadata
     tied = not gguf_file.has_tensor("output.weight")
@@ -148,7 +171,8 @@ def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
         args = ModelArgs.from_gguf_metadata(meta, tied_embeddings=tied, qkv_bias=qkv_bias)
     except EngineError as exc:
         raise ModelFileError(gguf_file.path, str(exc)) from exc
-    dtype = torch.float32 if quant == "fp32" else torch.bfloat16
+    if dtype is None:
+        dtype = activation_dtype(quant)
     mode = cast(Literal["int8", "int4"], quant) if quant in ("int8", "int4") else None
     with torch.device("meta"):
         model = Transformer(args)
@@ -157,7 +181,7 @@ def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
         _assign(gguf_file, block, layer_state, f"layers.{i}.")
         if mode is not None:
             quantize_linears(block, mode)  # from the float32 weights
-        block.to(dtype)
+        _cast_floats(block, dtype)
         for norm in ("attention_norm", "ffn_norm"):  # norms stay float32 (not bf16-rounded)
             getattr(block, norm).weight = nn.Parameter(layer_state[f"{norm}.weight"])
     top = _global_state(gguf_file, args)
@@ -182,7 +206,7 @@ def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
     _assign(gguf_file, model.norm, {"weight": top["norm.weight"]}, "norm.")
     if tied and mode is None:  # one Parameter for both, as in the file
         model.output.weight = model.tok_embeddings.weight
-    model.to(dtype)
+    _cast_floats(model, dtype)
     if tied and mode is None:
         model.output.weight = model.tok_embeddings.weight
     model.norm.weight = nn.Parameter(top["norm.weight"])
@@ -196,6 +220,14 @@ def build_model(gguf_file: GGUFFile, quant: str = "fp32") -> Transformer:
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
+
+
+def _cast_floats(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``module``'s float tensors to ``dtype``; a float32 target changes nothing (the
+    file's tensors arrive as float32, and the quantized linears' bf16 scales must stay
+    bf16 for the int kernels)."""
+    if dtype != torch.float32:
+        module.to(dtype)
 
 
 def _release_freed_memory() -> None:
@@ -220,8 +252,8 @@ def load_model(
 
     Args:
         path: A local ``.gguf`` file.
-        quant: ``fp32`` | ``bf16`` | ``int8`` (weight-only, bf16 activations) |
-            ``int4`` (weight-only group-wise, bf16 activations) | ``auto`` (``int4``
+        quant: ``fp32`` | ``bf16`` | ``int8`` (weight-only per channel) | ``int4``
+            (weight-only group-wise) | ``auto`` (``int4``
             for a file whose blocks are Q4_1, else ``int8``; see ``auto_quant``).
             ``LoadedModel.quant`` names the one used.
         device: Torch device for weights and cache (``cpu``).
@@ -244,7 +276,7 @@ def load_model(
     meta = gguf_file.metadata
     tokenizer = EngineTokenizer.from_metadata(meta.tokenizer, meta.architecture)
     with torch.inference_mode(False), torch.no_grad():
-        model = build_model(gguf_file, quant).to(device)
+        model = build_model(gguf_file, quant, activation_dtype(quant, device)).to(device)
         seq_len = min(max_seq_len, meta.context_length)
         model.setup_caches(max_batch, seq_len, model.dtype)
     del gguf_file

@@ -19,11 +19,12 @@ Example:
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -100,15 +101,21 @@ _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A zero CPU tensor whose pages are only touched when written.
+    """A zero CPU tensor whose pages only become resident when written.
 
-    ``torch.zeros`` fills every byte (a 4096-position, 8-slot cache is hundreds of MiB of
-    RSS from the start); numpy's calloc gets zero pages from the OS lazily. Unwritten
-    positions must hold finite values (masked scores multiply them by 0), so zeros.
+    ``torch.zeros`` fills every byte (a 32-slot, 2,048-position cache is gigabytes of
+    RSS from the start). An anonymous ``mmap`` gets zero pages from the OS on first
+    touch, and ``MADV_NOHUGEPAGE`` keeps that touch to 4 KiB: with 2 MiB pages (numpy
+    asks for them on large arrays) a few positions written in every slot made the whole
+    cache resident. Unwritten positions must hold finite values (masked scores multiply
+    them by 0), so zeros.
     """
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    carrier = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[itemsize]
-    return torch.from_numpy(np.zeros(shape, dtype=carrier)).view(dtype)
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 
 
 class KVCache(nn.Module):

@@ -2,8 +2,11 @@
 
 Every ``nn.Linear`` inside the transformer blocks, and the output projection, is
 replaced by a linear holding quantized weights plus scales; embeddings and norms
-stay in the model's float dtype. Activations are bfloat16: the CPU int8 kernel is
-fast only with bf16 inputs.
+stay in the model's float dtype. The int8 / int4 kernels take bfloat16 activations
+(they are fast only with bf16 inputs, on every x86 CPU measured). Many rows at once (a
+prefill) skip the kernels: the weight is dequantized to the activations' own dtype and
+multiplied densely, so on a CPU without native bf16 matmuls (AVX2 only: 6x slower
+than float32 there) the model runs float32 activations and only the kernels see bf16.
 
 - ``int8``: symmetric per-output-channel, w ≈ q * scale, q in [-128, 127];
   ``torch._weight_int8pack_mm``.
@@ -37,9 +40,23 @@ _ROW_CHUNK = 4096  # rows quantized at a time
 # From this many activation rows on, dequantizing the int8 weight and running a bf16
 # matmul beats _weight_int8pack_mm (measured here: 2.5x at 512 rows, break-even near 32).
 DEQUANT_MIN_ROWS = 32
+_KERNEL_DTYPE = torch.bfloat16
 _HAS_INT4_CPU_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch, "_convert_weight_to_int4pack_for_cpu"
 )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX, via oneDNN).
+
+    Without it (an AVX2-only CPU such as AMD Zen 3), a bf16 ``F.linear`` is emulated:
+    measured 0.02 TFLOP/s against 0.12 in float32 for a 512-row prefill matmul.
+    """
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
 
 
 def quantize_int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,17 +115,16 @@ class Int8Linear(nn.Module):
         self.scales: Tensor
         self.bias: Tensor | None
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), x's dtype
         x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.bfloat16:
-            x2 = x2.to(torch.bfloat16)
-        if x2.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: a bf16 (AMX) matmul wins
-            y = F.linear(x2, self.weight.to(torch.bfloat16) * self.scales[:, None])  # (M, N)
+        if x2.shape[0] >= DEQUANT_MIN_ROWS:  # prefill: a dense matmul in x's dtype wins
+            dense = x2.dtype
+            y = F.linear(x2, self.weight.to(dense) * self.scales.to(dense)[:, None])  # (M, N)
         else:
-            y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+            y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE), self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -148,29 +164,27 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros: Tensor
         self.bias: Tensor | None
 
-    def dequantized_weight(self) -> Tensor:
-        """The (N, K) bf16 weight the fallback and prefill paths multiply with."""
+    def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """The (N, K) weight in ``dtype`` that the fallback and prefill paths multiply with."""
         N, K = self.out_features, self.in_features
-        low = (self.codes & 0x0F).to(torch.bfloat16)
-        high = (self.codes >> 4).to(torch.bfloat16)
+        low = (self.codes & 0x0F).to(dtype)
+        high = (self.codes >> 4).to(dtype)
         q = torch.stack((low, high), dim=-1).reshape(N, K // self.group_size, self.group_size)
-        scales = self.codes_scales[..., 0:1]  # (N, G, 1)
-        zeros = self.codes_scales[..., 1:2]
+        scales = self.codes_scales[..., 0:1].to(dtype)  # (N, G, 1)
+        zeros = self.codes_scales[..., 1:2].to(dtype)
         return ((q - 8) * scales + zeros).reshape(N, K)
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), x's dtype
         x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.bfloat16:
-            x2 = x2.to(torch.bfloat16)
         if self.use_kernel and x2.shape[0] < DEQUANT_MIN_ROWS:
             y = torch._weight_int4pack_mm_for_cpu(
-                x2, self.weight, self.group_size, self.scales_and_zeros
+                x2.to(_KERNEL_DTYPE), self.weight, self.group_size, self.scales_and_zeros
             )  # (M, N)
-        else:
-            y = F.linear(x2, self.dequantized_weight())
+        else:  # a dense matmul in x's dtype (the kernel is slow for many rows)
+            y = F.linear(x2, self.dequantized_weight(x2.dtype))
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llm_backend.engine.loader import load_model
+from llm_backend.engine.model import lazy_zeros
 from tests.engine.conftest import load_hf_from_gguf
 
 TOKENS = [5, 6, 7, 100, 200, 3, 9, 42, 17, 250]
@@ -147,3 +148,18 @@ def test_generate_rejects_what_does_not_fit(tiny_gguf: Callable[..., Path]) -> N
     )
     assert outs[0] == longer[:2]  # greedy: the short row is a prefix of the long run
     assert len(outs[1]) <= 9
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def test_kv_cache_pages_become_resident_only_where_written() -> None:
+    # 32 slots x 3 heads x 2,048 positions x 64 dims float32 = 48 MiB per buffer.
+    cache = lazy_zeros((32, 3, 2048, 64), torch.float32)
+    assert float(cache.abs().sum()) == 0.0  # zero everywhere, read without a fill
+    before = _resident_mib()
+    cache[:, :, :16] = 1.0  # 16 positions in every slot: 4 KiB pages, not 2 MiB ones
+    grown = _resident_mib() - before
+    assert grown < 8, f"writing 0.4 MiB made {grown:.1f} MiB resident"
+    assert float(cache.sum()) == 32 * 3 * 16 * 64

@@ -156,3 +156,51 @@ def test_int4_model_keeps_the_vocab_projection_int8(smollm2_gguf_path: Path) -> 
     assert loaded.quant == "int4"
     assert isinstance(loaded.model.layers[0].feed_forward.w13, Int4Linear)
     assert isinstance(loaded.model.output, Int8Linear)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # the int kernel's rows, and a prefill's
+def test_quantized_linears_compute_in_float32_activations(rows: int) -> None:
+    """On a CPU without native bf16 the model runs float32 activations: the quantized
+    linears take and return float32, feeding only their int kernels bf16."""
+    torch.manual_seed(2)
+    linear = nn.Linear(128, 64, bias=True).requires_grad_(False)
+    x = torch.randn(rows, 128)
+    int8, int4 = Int8Linear(linear), Int4Linear(linear, 32)
+    held = {  # the weight each layer holds, as float32
+        "int8": int8.weight.float() * int8.scales.float()[:, None],
+        "int4": int4.dequantized_weight(torch.float32),
+    }
+    for name, layer in (("int8", int8), ("int4", int4)):
+        out = layer(x)
+        assert out.dtype == torch.float32 and out.shape == (rows, 64)
+        expected = x @ held[name].T + linear.bias.bfloat16().float()
+        # the dense path (many rows) is float32 throughout; the kernel rounds x to bf16
+        tolerance = 1e-4 if rows >= 32 else 0.05
+        torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(out, layer(x.bfloat16()).float(), atol=0.1, rtol=0.05)
+
+
+def test_activation_dtype_follows_the_cpu_and_the_request(tiny_gguf: Callable[..., Path]) -> None:
+    from llm_backend.engine.gguf_reader import GGUFFile
+    from llm_backend.engine.loader import activation_dtype, build_model
+    from llm_backend.engine.quantize import cpu_has_native_bf16
+
+    native = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert activation_dtype("int8") == native and activation_dtype("int4") == native
+    assert activation_dtype("int8", "cuda") == torch.bfloat16
+    assert activation_dtype("fp32") == torch.float32 and activation_dtype("bf16") == torch.bfloat16
+    assert load_model(tiny_gguf(), quant="int8", max_batch=1, max_seq_len=16).dtype == native
+    # Both activation dtypes give the same predictions from the same int8 weights.
+    path = tiny_gguf()
+    ids = torch.arange(1, 9)[None]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(GGUFFile.open(path), "int8", dtype)
+        wqkv = model.layers[0].attention.wqkv
+        assert isinstance(wqkv, Int8Linear) and wqkv.scales.dtype == torch.bfloat16
+        assert model.dtype == dtype
+        model.setup_caches(1, 16, model.dtype)
+        with torch.inference_mode():
+            logits[dtype] = model(ids, torch.arange(8)[None], kv_len=8)[0]
+    assert (logits[torch.float32].argmax(-1) == logits[torch.bfloat16].argmax(-1)).all()
+    torch.testing.assert_close(logits[torch.float32], logits[torch.bfloat16], atol=0.1, rtol=0.05)
