@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
-from llm_backend.engine.quantize import DEQUANT_MIN_ROWS
+from llm_backend.engine.quantize import dense_min_rows
 
 
 @dataclass
@@ -442,13 +442,14 @@ class Transformer(nn.Module):
         should include one > 1 and ``kv_len`` stays >= 2 here: the graphs built are the
         symbolic ones real requests reuse. By default (1, 2), plus ``max_batch`` when
         that many rows switch the quantized linears to their dequantized path
-        (``DEQUANT_MIN_ROWS``), a branch the compiler guards on.
+        (``dense_min_rows``), a branch the compiler guards on.
         """
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
         device = self.tok_embeddings.weight.device
         if batch_sizes is None:
-            batch_sizes = (1, 2) + ((self.max_batch,) if self.max_batch >= DEQUANT_MIN_ROWS else ())
+            dense = self.max_batch >= dense_min_rows(self.dtype)
+            batch_sizes = (1, 2) + ((self.max_batch,) if dense else ())
         for batch in batch_sizes:
             batch = min(batch, self.max_batch)
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
