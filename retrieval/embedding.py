@@ -17,6 +17,8 @@ from retrieval.types import RetrievalError
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from retrieval.query_encoder import BertQueryEncoder
+
 logger = logging.getLogger(__name__)
 
 
@@ -115,6 +117,7 @@ class SentenceTransformerEmbedder:
         self.query_dtype = query_dtype
         self._model: SentenceTransformer | None = None
         self._query_model: SentenceTransformer | None = None
+        self._query_encoder: BertQueryEncoder | None = None
         self._lock = threading.Lock()
 
     def warm_up(self) -> None:
@@ -125,20 +128,26 @@ class SentenceTransformerEmbedder:
             if self._model is not None:
                 return
             model = self._load()
-            self._query_model = self._make_query_model(model)
+            self._make_query_model(model)
             self._model = model
 
-    def _make_query_model(self, model: SentenceTransformer) -> SentenceTransformer:
-        """The model ``embed_query`` runs: ``model`` itself or a bfloat16 copy."""
+    def _make_query_model(self, model: SentenceTransformer) -> None:
+        """Set what ``embed_query`` runs: the lean encoder for a BERT model (see
+        ``retrieval.query_encoder``), else ``model`` itself or a bfloat16 copy."""
         import torch
+
+        from retrieval.query_encoder import BertQueryEncoder
 
         wanted = self.query_dtype
         if wanted == "auto":
             on_cpu = str(model.device).startswith("cpu")
             wanted = "bfloat16" if on_cpu and _cpu_has_native_bf16() else "float32"
-        if wanted == "float32":
-            return model
-        return copy.deepcopy(model).to(torch.bfloat16).eval()
+        dtype = torch.bfloat16 if wanted == "bfloat16" else torch.float32
+        self._query_encoder = BertQueryEncoder.from_sentence_transformer(model, dtype)
+        if self._query_encoder is not None or dtype == torch.float32:
+            self._query_model = model
+        else:
+            self._query_model = copy.deepcopy(model).to(torch.bfloat16).eval()
 
     def _load(self) -> SentenceTransformer:
         from sentence_transformers import SentenceTransformer
@@ -206,6 +215,8 @@ class SentenceTransformerEmbedder:
         import torch
 
         self.warm_up()
+        if self._query_encoder is not None:
+            return self._query_encoder.encode(text)
         model = self._query_model
         assert model is not None
         # A lean path for one short text: tokenize + forward without encode()'s

@@ -43,10 +43,45 @@ def test_query_path_matches_document_path(query_dtype: str, tolerance: float) ->
         assert query.shape == (384,) and query.dtype == np.float32
         assert float(np.linalg.norm(query)) == pytest.approx(1.0, abs=1e-5)
         assert float(query @ document) == pytest.approx(1.0, abs=tolerance)
-    # The bf16 copy is its own model: documents still go through the float32 one.
-    expected_query_dtype = "torch.float32" if query_dtype == "float32" else "torch.bfloat16"
-    assert str(next(embedder._query_model.parameters()).dtype) == expected_query_dtype  # type: ignore[union-attr]
+    # MiniLM is a BERT: queries take the lean encoder, holding its own copy of the
+    # weights in the query dtype; documents still go through the float32 model.
+    encoder = embedder._query_encoder
+    assert encoder is not None
+    assert str(encoder.layers[0].wqkv.dtype) == f"torch.{query_dtype}"
     assert str(next(embedder.model.parameters()).dtype) == "torch.float32"
+
+
+def test_lean_query_encoder_matches_sentence_transformers() -> None:
+    from retrieval.query_encoder import BertQueryEncoder
+
+    model = shared_embedder().model
+    encoder = BertQueryEncoder.from_sentence_transformer(model)
+    assert encoder is not None
+    texts = ["what causes scurvy?", "Ünïcödé ☃ and 42 numbers", "", "tides " * 400]
+    assert len(encoder.token_ids(texts[-1])) == model.max_seq_length  # truncated like encode
+    expected = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    for text, vector in zip(texts, expected, strict=True):
+        lean = encoder.encode(text)
+        assert lean.shape == (384,) and lean.dtype == np.float32
+        assert float(lean @ vector) > 0.99999, text[:20]
+
+
+def test_other_models_keep_the_generic_query_path() -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling
+
+    from retrieval.query_encoder import BertQueryEncoder
+
+    base = shared_embedder().model
+    cls_pooled = SentenceTransformer(modules=[base[0], Pooling(384, pooling_mode="cls")])
+    assert BertQueryEncoder.from_sentence_transformer(cls_pooled) is None
+    embedder = SentenceTransformerEmbedder(query_dtype="float32")
+    embedder._make_query_model(cls_pooled)
+    embedder._model = cls_pooled
+    assert embedder._query_encoder is None
+    text = "Which collection does the help centre search by default?"
+    expected = cls_pooled.encode([text], normalize_embeddings=True)[0]
+    assert float(embedder.embed_query(text) @ expected) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_empty_input_gives_empty_array() -> None:

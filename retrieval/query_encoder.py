@@ -1,0 +1,204 @@
+"""A lean forward pass for one query through a BERT-family sentence-transformers model.
+
+A query is one short text. Through ``SentenceTransformer`` and Hugging Face's
+``BertModel`` its embedding costs ~3 ms of module and mask bookkeeping on top of the
+arithmetic on a 2-core CPU; ``BertQueryEncoder`` runs the same weights as plain
+functions (gpt-fast style: a ``BertArgs`` dataclass, one function per block), with no
+padding, no attention mask and no pooler. Shapes: T = query tokens, D = hidden size,
+H = heads, hd = head dim.
+
+It covers what ``all-MiniLM-L6-v2`` and its family are: ``BertModel`` with absolute
+positions and exact GELU, mean pooling; the vector is always normalized. For anything else
+``BertQueryEncoder.from_sentence_transformer`` returns None and the caller keeps the
+generic path.
+
+Example:
+    >>> encoder = BertQueryEncoder.from_sentence_transformer(model)
+    >>> vector = encoder.encode("what causes scurvy?")  # (D,) float32, unit length
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass
+class BertArgs:
+    """What the forward pass needs from the model's config."""
+
+    n_layers: int
+    n_heads: int
+    dim: int
+    max_seq_length: int
+    norm_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class BertLayer:
+    """One encoder layer's weights, Q/K/V fused into ``wqkv`` (3D, D)."""
+
+    wqkv: Tensor
+    bqkv: Tensor
+    wo: Tensor
+    bo: Tensor
+    attention_norm: tuple[Tensor, Tensor]  # LayerNorm (weight, bias)
+    w1: Tensor  # (F, D)
+    b1: Tensor
+    w2: Tensor  # (D, F)
+    b2: Tensor
+    ffn_norm: tuple[Tensor, Tensor]
+
+
+def _is_mean_pooling(pooling: Any) -> bool:
+    config = pooling.get_config_dict() if hasattr(pooling, "get_config_dict") else {}
+    mode = config.get("pooling_mode")
+    if mode is not None:
+        return bool(mode == "mean")
+    # older sentence-transformers: one boolean per mode
+    flags = {k: v for k, v in config.items() if k.startswith("pooling_mode_") and v}
+    return set(flags) == {"pooling_mode_mean_tokens"}
+
+
+def encoder_layer(x: Tensor, layer: BertLayer, args: BertArgs) -> Tensor:
+    """Post-norm BERT layer: attention + residual, LayerNorm; GELU MLP + residual, LayerNorm."""
+    T, D = x.shape
+    H, hd = args.n_heads, args.head_dim
+    qkv = F.linear(x, layer.wqkv, layer.bqkv)  # (T, 3D)
+    q, k, v = qkv.view(T, 3, H, hd).permute(1, 2, 0, 3).unbind(0)  # (H, T, hd) each
+    y = F.scaled_dot_product_attention(q, k, v)  # (H, T, hd): no padding, no mask
+    y = y.transpose(0, 1).reshape(T, D)  # (T, D)
+    x = x + F.linear(y, layer.wo, layer.bo)
+    x = F.layer_norm(x, (D,), *layer.attention_norm, args.norm_eps)
+    h = F.gelu(F.linear(x, layer.w1, layer.b1))  # (T, F)
+    x = x + F.linear(h, layer.w2, layer.b2)
+    return F.layer_norm(x, (D,), *layer.ffn_norm, args.norm_eps)
+
+
+class BertQueryEncoder:
+    """Embeds one query with a BERT sentence-transformers model's weights, lean.
+
+    Build it with ``from_sentence_transformer``; the result matches
+    ``SentenceTransformer.encode`` (cosine > 0.99999 in float32).
+
+    Args:
+        args: Sizes and options.
+        tokenizer: The model's Hugging Face tokenizer (truncates to ``max_seq_length``).
+        embeddings: (word (V, D), position (P, D), token type 0 (D,), LayerNorm (w, b)).
+        layers: The encoder layers.
+    """
+
+    def __init__(
+        self,
+        args: BertArgs,
+        tokenizer: Any,
+        embeddings: tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]],
+        layers: list[BertLayer],
+    ) -> None:
+        self.args = args
+        self.tokenizer = tokenizer
+        self.word_embeddings, self.position_embeddings, self.type_embedding, self.embedding_norm = (
+            embeddings
+        )
+        self.layers = layers
+
+    @classmethod
+    def from_sentence_transformer(
+        cls, model: Any, dtype: torch.dtype = torch.float32
+    ) -> BertQueryEncoder | None:
+        """The lean encoder for ``model``'s weights (copied to ``dtype``), or None when
+        the model is not a CPU BERT with mean pooling (the caller keeps the generic path)."""
+        modules = [type(module).__name__ for module in model]
+        if (
+            not modules
+            or modules[0] != "Transformer"
+            or any(name not in _KNOWN_MODULES for name in modules)
+        ):
+            return None
+        if "Pooling" not in modules or not _is_mean_pooling(model[modules.index("Pooling")]):
+            return None
+        bert: Any = getattr(model[0], "auto_model", None)
+        config = getattr(bert, "config", None)
+        if (
+            type(bert).__name__ != "BertModel"
+            or config is None
+            or getattr(config, "position_embedding_type", "absolute") != "absolute"
+            or getattr(config, "hidden_act", None) != "gelu"
+            or not str(model.device).startswith("cpu")
+        ):
+            return None
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None or not callable(tokenizer):
+            return None
+        args = BertArgs(
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            dim=config.hidden_size,
+            max_seq_length=int(model.max_seq_length or config.max_position_embeddings),
+            norm_eps=config.layer_norm_eps,
+        )
+
+        def w(tensor: Tensor) -> Tensor:
+            return tensor.detach().to(dtype).contiguous()
+
+        def norm(module: Any) -> tuple[Tensor, Tensor]:
+            return (w(module.weight), w(module.bias))
+
+        emb = bert.embeddings
+        embeddings = (
+            w(emb.word_embeddings.weight),
+            w(emb.position_embeddings.weight),
+            w(emb.token_type_embeddings.weight[0]),
+            norm(emb.LayerNorm),
+        )
+        layers = []
+        for block in bert.encoder.layer:
+            qkv = (block.attention.self.query, block.attention.self.key, block.attention.self.value)
+            layers.append(
+                BertLayer(
+                    wqkv=w(torch.cat([linear.weight for linear in qkv])),
+                    bqkv=w(torch.cat([linear.bias for linear in qkv])),
+                    wo=w(block.attention.output.dense.weight),
+                    bo=w(block.attention.output.dense.bias),
+                    attention_norm=norm(block.attention.output.LayerNorm),
+                    w1=w(block.intermediate.dense.weight),
+                    b1=w(block.intermediate.dense.bias),
+                    w2=w(block.output.dense.weight),
+                    b2=w(block.output.dense.bias),
+                    ffn_norm=norm(block.output.LayerNorm),
+                )
+            )
+        logger.debug("lean BERT query encoder: %d layers, %s", len(layers), dtype)
+        return cls(args, tokenizer, embeddings, layers)
+
+    def token_ids(self, text: str) -> list[int]:
+        """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model."""
+        encoded = self.tokenizer(text, truncation=True, max_length=self.args.max_seq_length)
+        return list(encoded["input_ids"])
+
+    @torch.inference_mode()
+    def encode(self, text: str) -> np.ndarray:
+        """The query's sentence embedding: float32 (D,), unit length (as the retriever
+        stores documents: cosine = dot product)."""
+        ids = torch.tensor(self.token_ids(text))  # (T,)
+        T, D = ids.shape[0], self.args.dim
+        x = self.word_embeddings[ids] + self.position_embeddings[:T] + self.type_embedding
+        x = F.layer_norm(x, (D,), *self.embedding_norm, self.args.norm_eps)  # (T, D)
+        for layer in self.layers:
+            x = encoder_layer(x, layer, self.args)
+        pooled = x.float().mean(dim=0)  # (D,): mean over the tokens (no padding)
+        return F.normalize(pooled, p=2, dim=0).numpy()
