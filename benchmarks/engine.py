@@ -318,6 +318,9 @@ def main() -> None:
         return
     engines = args.engines.split(",") + (["vllm"] if args.vllm_url else [])
     print(f"load average before: {os.getloadavg()} (shared 2-core machine: figures are noisy)")
+    from llm_backend.engine.quantize import cpu_description
+
+    print(f"cpu: {cpu_description()}")
     results: dict[str, dict[str, float] | str] = {}
     for name in engines:
         started = time.perf_counter()

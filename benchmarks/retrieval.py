@@ -186,6 +186,9 @@ def main() -> None:
     else:
         data_dir = args.data_dir
     print(f"corpus {len(corpus)} docs, {len(queries)} queries, data dir {data_dir}", flush=True)
+    from llm_backend.engine.quantize import cpu_description
+
+    print(f"cpu: {cpu_description()}", flush=True)
 
     embedder = SentenceTransformerEmbedder("all-MiniLM-L6-v2", batch_size=args.batch_size)
     embedder.warm_up()

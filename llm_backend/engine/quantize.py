@@ -25,6 +25,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from typing import Literal
 
 import torch
@@ -60,6 +62,21 @@ def cpu_has_native_bf16() -> bool:
         return bool(check()) if check is not None else False
     except RuntimeError:
         return False
+
+
+def cpu_description() -> str:
+    """One line naming this CPU (for benchmark output: figures compare only on one CPU)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{name}, {os.cpu_count()} logical CPUs, {bf16}"
 
 
 def dense_min_rows(dtype: torch.dtype) -> int:
