@@ -174,6 +174,12 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+def _first_of_run(slot_ids: list[int]) -> int | None:
+    """``slot_ids[0]`` when the ids are consecutive (s, s + 1, ...), else None."""
+    first = slot_ids[0]
+    return first if slot_ids == list(range(first, first + len(slot_ids))) else None
+
+
 class Scheduler:
     """Continuous-batching scheduler over one model (not thread-safe: one owner thread).
 
@@ -380,11 +386,18 @@ class Scheduler:
             positions.append(list(range(start, start + width)))
         tokens = torch.tensor(rows, dtype=torch.long)  # (B, T)
         input_pos = torch.tensor(positions, dtype=torch.long)  # (B, T)
-        slots = torch.tensor([seq.slot for seq, _ in chunks], dtype=torch.long)  # (B,)
+        slot_ids = [seq.slot for seq, _ in chunks]
+        slots = torch.tensor(slot_ids, dtype=torch.long)  # (B,)
         last_index = torch.tensor([chunk - 1 for _, chunk in chunks], dtype=torch.long)
         kv_len = max(seq.num_computed for seq, _ in chunks) + width
         logits = self.model(
-            tokens, input_pos, slots, last_only=True, logits_index=last_index, kv_len=kv_len
+            tokens,
+            input_pos,
+            slots,
+            last_only=True,
+            logits_index=last_index,
+            kv_len=kv_len,
+            first_slot=_first_of_run(slot_ids),
         )[:, 0]  # (B, V)
         done = []
         for row, (seq, chunk) in enumerate(chunks):
@@ -398,11 +411,15 @@ class Scheduler:
             self._sample_and_append(finished, logits[done])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
+        seqs = sorted(seqs, key=lambda seq: seq.slot)  # consecutive slots read cache views
         tokens = torch.tensor([[seq.tokens[-1]] for seq in seqs], dtype=torch.long)  # (B, 1)
         input_pos = torch.tensor([[seq.num_computed] for seq in seqs], dtype=torch.long)
-        slots = torch.tensor([seq.slot for seq in seqs], dtype=torch.long)  # (B,)
+        slot_ids = [seq.slot for seq in seqs]
+        slots = torch.tensor(slot_ids, dtype=torch.long)  # (B,)
         kv_len = max(seq.num_computed for seq in seqs) + 1
-        logits = self.model(tokens, input_pos, slots, kv_len=kv_len)[:, 0]  # (B, V)
+        logits = self.model(
+            tokens, input_pos, slots, kv_len=kv_len, first_slot=_first_of_run(slot_ids)
+        )[:, 0]  # (B, V)
         for seq in seqs:
             seq.num_computed += 1
         self._sample_and_append(seqs, logits)

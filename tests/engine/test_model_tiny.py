@@ -78,6 +78,16 @@ def test_rows_at_different_positions_in_one_step(tiny_gguf: Callable[..., Path])
         )
     torch.testing.assert_close(both[0], alone_a[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[1], alone_b[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # rows in consecutive slots 1, 2 read cache views: same logits
+        views = model(
+            torch.tensor([[b[-1]], [a[-1]]]),
+            torch.tensor([[2], [6]]),
+            torch.tensor([1, 2]),
+            kv_len=7,
+            first_slot=1,
+        )
+    torch.testing.assert_close(views[0], alone_b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(views[1], alone_a[0], atol=1e-5, rtol=1e-5)
 
 
 def test_copy_slot_prefix_reuses_cached_prompt(tiny_gguf: Callable[..., Path]) -> None:
