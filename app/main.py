@@ -83,7 +83,9 @@ def create_app(
         from retrieval import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder(
-            settings.retrieval.embedding_model, query_dtype=settings.retrieval.query_dtype
+            settings.retrieval.embedding_model,
+            query_dtype=settings.retrieval.query_dtype,
+            query_backend=settings.retrieval.query_backend,
         )
     collection_service = CollectionService(settings, embedder, db, metrics)
     owns_backend = backend is None

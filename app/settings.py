@@ -28,6 +28,12 @@ class RetrievalSettings(BaseModel):
         description="Precision of query embeddings (documents are always float32); auto "
         "is bfloat16 on a CPU with native bf16 matmuls.",
     )
+    query_backend: Literal["auto", "torch", "onnx"] = Field(
+        default="auto",
+        description="What runs query embeddings: torch (a lean BERT path) or ONNX Runtime "
+        "(the model exported in memory at start, ~2 s); auto is onnx for float32 queries "
+        "on a CPU without native bf16, where it is ~2x faster.",
+    )
     chroma_url: str | None = Field(
         default=None, description="http(s) URL of a Chroma server; embedded when unset."
     )

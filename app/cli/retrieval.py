@@ -48,7 +48,9 @@ def _ingestor(settings: Settings, *, chunk_size: int, chunk_overlap: int, loader
     return Ingestor(
         settings.data_dir,
         embedder=SentenceTransformerEmbedder(
-            settings.retrieval.embedding_model, query_dtype=settings.retrieval.query_dtype
+            settings.retrieval.embedding_model,
+            query_dtype=settings.retrieval.query_dtype,
+            query_backend=settings.retrieval.query_backend,
         ),
         loader=loader,
         chroma_url=settings.retrieval.chroma_url,

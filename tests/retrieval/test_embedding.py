@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from retrieval.embedding import Embedder, SentenceTransformerEmbedder
+from retrieval.embedding import Embedder, SentenceTransformerEmbedder, _cpu_has_native_bf16
 from retrieval.models import ModelNotAvailable
+from retrieval.query_encoder import BertQueryEncoder, OnnxQueryEncoder
 from tests.retrieval.helpers import shared_embedder
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,9 @@ def test_embeddings_are_normalised_batched_and_semantic() -> None:
 
 @pytest.mark.parametrize(("query_dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 1e-3)])
 def test_query_path_matches_document_path(query_dtype: str, tolerance: float) -> None:
-    embedder = SentenceTransformerEmbedder("all-MiniLM-L6-v2", query_dtype=query_dtype)
+    embedder = SentenceTransformerEmbedder(
+        "all-MiniLM-L6-v2", query_dtype=query_dtype, query_backend="torch"
+    )
     texts = [
         "How do tides depend on the moon?",
         "0-dimensional biomaterials show inductive properties.",
@@ -46,16 +49,19 @@ def test_query_path_matches_document_path(query_dtype: str, tolerance: float) ->
     # MiniLM is a BERT: queries take the lean encoder, holding its own copy of the
     # weights in the query dtype; documents still go through the float32 model.
     encoder = embedder._query_encoder
-    assert encoder is not None
+    assert isinstance(encoder, BertQueryEncoder)
     assert str(encoder.layers[0].wqkv.dtype) == f"torch.{query_dtype}"
     assert str(next(embedder.model.parameters()).dtype) == "torch.float32"
 
 
-def test_lean_query_encoder_matches_sentence_transformers() -> None:
-    from retrieval.query_encoder import BertQueryEncoder
-
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_lean_query_encoders_match_sentence_transformers(backend: str) -> None:
     model = shared_embedder().model
-    encoder = BertQueryEncoder.from_sentence_transformer(model)
+    encoder: BertQueryEncoder | OnnxQueryEncoder | None
+    if backend == "torch":
+        encoder = BertQueryEncoder.from_sentence_transformer(model)
+    else:
+        encoder = OnnxQueryEncoder.from_sentence_transformer(model)
     assert encoder is not None
     texts = ["what causes scurvy?", "Ünïcödé ☃ and 42 numbers", "", "tides " * 400]
     assert len(encoder.token_ids(texts[-1])) == model.max_seq_length  # truncated like encode
@@ -63,14 +69,29 @@ def test_lean_query_encoder_matches_sentence_transformers() -> None:
     for text, vector in zip(texts, expected, strict=True):
         lean = encoder.encode(text)
         assert lean.shape == (384,) and lean.dtype == np.float32
+        assert float(np.linalg.norm(lean)) == pytest.approx(1.0, abs=1e-5)
         assert float(lean @ vector) > 0.99999, text[:20]
+
+
+def test_query_backend_choice() -> None:
+    embedder = SentenceTransformerEmbedder(query_dtype="float32", query_backend="onnx")
+    assert embedder._query_encoder is None  # nothing loaded yet
+    embedder.warm_up()
+    assert isinstance(embedder._query_encoder, OnnxQueryEncoder)
+    text = "How do tides depend on the moon?"
+    assert float(embedder.embed_query(text) @ embedder.embed_documents([text])[0]) > 0.99999
+    auto = SentenceTransformerEmbedder()
+    auto._make_query_model(shared_embedder().model)
+    # auto: ONNX Runtime only where torch's float32 small matmuls are the slow path
+    expected = BertQueryEncoder if _cpu_has_native_bf16() else OnnxQueryEncoder
+    assert isinstance(auto._query_encoder, expected)
+    with pytest.raises(ValueError, match="query_backend must be auto, torch or onnx, got 'tf'"):
+        SentenceTransformerEmbedder(query_backend="tf")
 
 
 def test_other_models_keep_the_generic_query_path() -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Pooling
-
-    from retrieval.query_encoder import BertQueryEncoder
 
     base = shared_embedder().model
     cls_pooled = SentenceTransformer(modules=[base[0], Pooling(384, pooling_mode="cls")])
