@@ -40,11 +40,13 @@ class FakeModel:
         self.copies: list[tuple[int, int, int]] = []
 
     def __call__(self, tokens, input_pos, slots=None, *, last_only=False, logits_index=None,
-                 kv_len=None):  # fmt: skip
+                 kv_len=None, first_slot=None):  # fmt: skip
         B, T = tokens.shape
         self.forward_shapes.append((B, T))
         if slots is None:
             slots = torch.arange(B)
+        if first_slot is not None:  # the scheduler's promise: consecutive slots from there
+            assert slots.tolist() == list(range(first_slot, first_slot + B))
         for b in range(B):
             self.cache[slots[b], input_pos[b]] = tokens[b]
         logits = torch.zeros(B, T, VOCAB)
