@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -61,6 +62,14 @@ def _build_backend(settings: Settings) -> tuple[ChatBackend | None, str | None]:
         return None, f"cannot start the {settings.agent.backend} backend: {exc}"
 
 
+def _warm_up(embedder: Any) -> None:
+    """Load the embedding model in the background; a failure shows on first use."""
+    try:
+        embedder.warm_up()
+    except Exception as exc:  # the request that needs the model reports it properly
+        logger.warning("embedding model warm-up failed: %s", exc)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -79,6 +88,7 @@ def create_app(
     settings = settings or get_settings()
     db = Database(database_url(settings))
     metrics = ApiMetrics()
+    owns_embedder = embedder is None
     if embedder is None:
         from retrieval import SentenceTransformerEmbedder
 
@@ -104,6 +114,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owns_embedder:  # load the model (and its query encoder) before the first request
+            threading.Thread(target=_warm_up, args=(embedder,), daemon=True).start()
         yield
         eval_runs.close()
         collection_service.close()

@@ -141,7 +141,9 @@ def test_upload_ask_and_see_a_streamed_answer_with_its_source(servers: str, tmp_
             wait_idle(page)
             page.get_by_label("Name").fill("e2e")
             page.get_by_label("Name").press("Enter")  # submits the form
-            expect(page.get_by_text("This collection has no documents yet.")).to_be_visible()
+            expect(page.get_by_text("This collection has no documents yet.")).to_be_visible(
+                timeout=60_000  # the first collection may wait for the embedding model
+            )
             page.locator("input[type=file]").set_input_files(str(doc))
             expect(page.get_by_text("zorblat.md")).to_be_visible()
             wait_idle(page)
