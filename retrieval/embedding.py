@@ -150,13 +150,14 @@ class SentenceTransformerEmbedder:
         from retrieval.query_encoder import BertQueryEncoder, OnnxQueryEncoder
 
         on_cpu = str(model.device).startswith("cpu")
+        native_bf16 = on_cpu and _cpu_has_native_bf16()
         wanted = self.query_dtype
         if wanted == "auto":
-            wanted = "bfloat16" if on_cpu and _cpu_has_native_bf16() else "float32"
+            wanted = "bfloat16" if native_bf16 else "float32"
         dtype = torch.bfloat16 if wanted == "bfloat16" else torch.float32
         backend = self.query_backend
-        if backend == "auto":
-            slow_matmuls = on_cpu and dtype == torch.float32 and not _cpu_has_native_bf16()
+        if backend == "auto":  # onnx where torch's float32 small matmuls are the slow path
+            slow_matmuls = on_cpu and dtype == torch.float32 and not native_bf16
             backend = "onnx" if slow_matmuls else "torch"
         encoder: QueryEncoder | None = None
         if backend == "onnx" and on_cpu:

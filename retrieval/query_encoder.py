@@ -80,6 +80,45 @@ def _is_mean_pooling(pooling: Any) -> bool:
     return set(flags) == {"pooling_mode_mean_tokens"}
 
 
+def bert_args(model: Any) -> BertArgs | None:
+    """``model``'s sizes when the lean query encoders cover it (a CPU ``BertModel`` with
+    absolute positions and exact GELU, mean pooling, optionally normalized), else None."""
+    modules = [type(module).__name__ for module in model]
+    if (
+        not modules
+        or modules[0] != "Transformer"
+        or any(name not in _KNOWN_MODULES for name in modules)
+    ):
+        return None
+    if "Pooling" not in modules or not _is_mean_pooling(model[modules.index("Pooling")]):
+        return None
+    bert: Any = getattr(model[0], "auto_model", None)
+    config = getattr(bert, "config", None)
+    if (
+        type(bert).__name__ != "BertModel"
+        or config is None
+        or getattr(config, "position_embedding_type", "absolute") != "absolute"
+        or getattr(config, "hidden_act", None) != "gelu"
+        or not str(model.device).startswith("cpu")
+    ):
+        return None
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer):
+        return None
+    return BertArgs(
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        dim=config.hidden_size,
+        max_seq_length=int(model.max_seq_length or config.max_position_embeddings),
+        norm_eps=config.layer_norm_eps,
+    )
+
+
+def _token_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model."""
+    return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+
+
 def encoder_layer(x: Tensor, layer: BertLayer, args: BertArgs) -> Tensor:
     """Post-norm BERT layer: attention + residual, LayerNorm; GELU MLP + residual, LayerNorm."""
     T, D = x.shape
@@ -128,35 +167,10 @@ class BertQueryEncoder:
     ) -> BertQueryEncoder | None:
         """The lean encoder for ``model``'s weights (copied to ``dtype``), or None when
         the model is not a CPU BERT with mean pooling (the caller keeps the generic path)."""
-        modules = [type(module).__name__ for module in model]
-        if (
-            not modules
-            or modules[0] != "Transformer"
-            or any(name not in _KNOWN_MODULES for name in modules)
-        ):
+        args = bert_args(model)
+        if args is None:
             return None
-        if "Pooling" not in modules or not _is_mean_pooling(model[modules.index("Pooling")]):
-            return None
-        bert: Any = getattr(model[0], "auto_model", None)
-        config = getattr(bert, "config", None)
-        if (
-            type(bert).__name__ != "BertModel"
-            or config is None
-            or getattr(config, "position_embedding_type", "absolute") != "absolute"
-            or getattr(config, "hidden_act", None) != "gelu"
-            or not str(model.device).startswith("cpu")
-        ):
-            return None
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is None or not callable(tokenizer):
-            return None
-        args = BertArgs(
-            n_layers=config.num_hidden_layers,
-            n_heads=config.num_attention_heads,
-            dim=config.hidden_size,
-            max_seq_length=int(model.max_seq_length or config.max_position_embeddings),
-            norm_eps=config.layer_norm_eps,
-        )
+        bert = model[0].auto_model
 
         def w(tensor: Tensor) -> Tensor:
             return tensor.detach().to(dtype).contiguous()
@@ -189,12 +203,11 @@ class BertQueryEncoder:
                 )
             )
         logger.debug("lean BERT query encoder: %d layers, %s", len(layers), dtype)
-        return cls(args, tokenizer, embeddings, layers)
+        return cls(args, model.tokenizer, embeddings, layers)
 
     def token_ids(self, text: str) -> list[int]:
         """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model."""
-        encoded = self.tokenizer(text, truncation=True, max_length=self.args.max_seq_length)
-        return list(encoded["input_ids"])
+        return _token_ids(self.tokenizer, text, self.args.max_seq_length)
 
     @torch.inference_mode()
     def encode(self, text: str) -> np.ndarray:
@@ -246,19 +259,19 @@ class OnnxQueryEncoder:
     @classmethod
     def from_sentence_transformer(cls, model: Any) -> OnnxQueryEncoder | None:
         """Export ``model``'s transformer (mean pooling, CPU) and open it in ONNX Runtime;
-        None when the model does not fit (see ``BertQueryEncoder``) or onnx /
+        None when the model does not fit (``bert_args``) or onnx /
         onnxruntime are missing or fail to export it."""
         import io
         import warnings
 
-        if BertQueryEncoder.from_sentence_transformer(model) is None:
+        args = bert_args(model)
+        if args is None:
             return None
         try:
             import onnxruntime
         except ImportError:
             return None
         tokenizer = model.tokenizer
-        max_seq_length = int(model.max_seq_length)
         example = torch.tensor([tokenizer("an example query")["input_ids"]])
         buffer = io.BytesIO()
         try:
@@ -282,12 +295,11 @@ class OnnxQueryEncoder:
         except Exception as exc:  # export / ORT raise many types: all mean "use torch"
             logger.warning("ONNX export of the query encoder failed (%s); using torch", exc)
             return None
-        return cls(session, tokenizer, max_seq_length)
+        return cls(session, tokenizer, args.max_seq_length)
 
     def token_ids(self, text: str) -> list[int]:
         """The model's tokens for ``text``, truncated like the model."""
-        encoded = self.tokenizer(text, truncation=True, max_length=self.max_seq_length)
-        return list(encoded["input_ids"])
+        return _token_ids(self.tokenizer, text, self.max_seq_length)
 
     def encode(self, text: str) -> np.ndarray:
         """The query's unit-length embedding, float32 (D,)."""

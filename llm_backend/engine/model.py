@@ -145,10 +145,8 @@ class KVCache(nn.Module):
         self.k_cache[slot_index, :, input_pos] = k.transpose(1, 2)  # (B, T, Hkv, hd)
         self.v_cache[slot_index, :, input_pos] = v.transpose(1, 2)
         if first_slot is not None:
-            end = first_slot + k.shape[0]
-            return self.k_cache[first_slot:end, :, :kv_len], self.v_cache[
-                first_slot:end, :, :kv_len
-            ]
+            rows = slice(first_slot, first_slot + k.shape[0])
+            return self.k_cache[rows, :, :kv_len], self.v_cache[rows, :, :kv_len]
         slots = slot_index[:, 0]
         k_all = self.k_cache[:, :, :kv_len].index_select(0, slots)  # (B, Hkv, kv_len, hd)
         v_all = self.v_cache[:, :, :kv_len].index_select(0, slots)
