@@ -46,6 +46,13 @@ class RetrievalSettings(BaseModel):
         default=512, gt=0, description="Chunks embedded together (across documents) per commit."
     )
     fetch_k: int = Field(default=50, gt=0, description="Candidates per side before fusion.")
+    exact_search_max_chunks: int = Field(
+        default=20_000,  # = retrieval.bm25_store.DEFAULT_EXACT_SEARCH_MAX_CHUNKS
+        ge=0,
+        description="Collections up to this many chunks keep a copy of their vectors beside "
+        "the BM25 index and answer dense queries by an exact scan (faster than HNSW at "
+        "this size, and exact); 0 = always Chroma's HNSW.",
+    )
     rrf_k: int = Field(
         default=10,  # = retrieval.hybrid.DEFAULT_RRF_K; see its note
         gt=0,

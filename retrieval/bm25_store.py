@@ -3,7 +3,13 @@
 Layout of one collection (``data_dir/"bm25"/<collection>/``)::
 
     CURRENT            name of the live version folder (replaced atomically)
-    v-<stamp>/         bm25s arrays + vocab, chunks.jsonl (id, text, metadata)
+    v-<stamp>/         bm25s arrays + vocab, chunks.jsonl (id, text, metadata),
+                       vectors.npy (optional: the chunks' unit embeddings, float32)
+
+A version may also hold the chunks' embeddings, copied from Chroma at build
+time. For small collections an exact scan of them (one matrix-vector product)
+is several times faster than Chroma's HNSW query and never misses a neighbour;
+it also answers from the same committed snapshot as the lexical side.
 
 bm25s cannot delete documents, so the index is rebuilt from the committed
 chunks (the ingestion manifest keeps their texts) and swapped in by rewriting
@@ -27,13 +33,19 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.stores import CollectionNotFound, StoreError, validate_collection_name
+from retrieval.stores import CollectionNotFound, DenseHit, StoreError, validate_collection_name
+from retrieval.vector_scan import VectorScan, unit_rows
 
 logger = logging.getLogger(__name__)
 
 _TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 _CURRENT = "CURRENT"
 _CHUNKS = "chunks.jsonl"
+_VECTORS = "vectors.npy"
+# Above this many chunks an exact scan of 384-dim vectors falls out of a small
+# CPU's cache and gets slower than Chroma's HNSW (measured on a 2-core EPYC:
+# 0.2 ms at 10k chunks, 2.6 ms at 30k, against 2.5-3 ms for Chroma at k=100).
+DEFAULT_EXACT_SEARCH_MAX_CHUNKS = 20_000
 _EMPTY = "-"  # CURRENT holds this when the collection has no chunks
 _local = threading.local()
 
@@ -74,8 +86,16 @@ class _Loaded:
     ids: list[str]
     texts: list[str]
     metadatas: list[dict[str, Any]]
+    vectors: np.ndarray | None = None  # (N, D) float32, unit rows
     masks: dict[tuple[str, Any], np.ndarray] = field(default_factory=dict)
     positions: dict[str, int] = field(default_factory=dict)
+    _scan: VectorScan | None = None
+
+    def scan(self) -> VectorScan:
+        if self._scan is None:
+            assert self.vectors is not None
+            self._scan = VectorScan(self.vectors)
+        return self._scan
 
     def position(self, chunk_id: str) -> int | None:
         if not self.positions and self.ids:
@@ -114,6 +134,7 @@ class BM25Index:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._cache: dict[str, _Loaded] = {}
+        self._versions: dict[str, tuple[tuple[int, int, int], str]] = {}
         self._lock = threading.Lock()
 
     def _dir(self, name: str) -> Path:
@@ -149,6 +170,7 @@ class BM25Index:
             raise CollectionNotFound(f"collection {name!r} has no BM25 index")
         shutil.rmtree(folder)
         self._cache.pop(name, None)
+        self._versions.pop(name, None)
 
     # -- writing -----------------------------------------------------------------
 
@@ -172,12 +194,28 @@ class BM25Index:
         chunk_ids: Sequence[str],
         texts: Sequence[str],
         metadatas: Sequence[dict[str, Any]],
+        *,
+        vectors: np.ndarray | None = None,
     ) -> None:
-        """Index these chunks as the collection's whole content and swap it in atomically."""
+        """Index these chunks as the collection's whole content and swap it in atomically.
+
+        Args:
+            name: Collection name.
+            chunk_ids: Ids of all the collection's chunks.
+            texts: Their texts.
+            metadatas: Their metadata.
+            vectors: Optional (N, D) embeddings of the same chunks, kept for
+                exact dense search (:meth:`dense_search`); rows are normalized.
+        """
         import bm25s
 
         if not (len(chunk_ids) == len(texts) == len(metadatas)):
             raise ValueError("build() needs as many chunk_ids, texts and metadatas")
+        if vectors is not None and (vectors.ndim != 2 or len(vectors) != len(chunk_ids)):
+            raise ValueError(
+                f"build() needs one vector per chunk, got shape {vectors.shape} "
+                f"for {len(chunk_ids)} chunks"
+            )
         folder = self._dir(name)
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -199,6 +237,11 @@ class BM25Index:
                     fh.write("\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+            if vectors is not None:
+                with open(tmp / _VECTORS, "wb") as fh:
+                    np.save(fh, unit_rows(vectors))
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, folder / version)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -218,10 +261,20 @@ class BM25Index:
     # -- reading -----------------------------------------------------------------
 
     def _current_version(self, name: str) -> str:
+        # Every query asks; re-read CURRENT only when its file changed. os.replace
+        # gives each version a new inode, so (inode, mtime, size) names it.
+        path = self._dir(name) / _CURRENT
         try:
-            return (self._dir(name) / _CURRENT).read_text(encoding="utf-8").strip()
+            stat = os.stat(path)
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            known = self._versions.get(name)
+            if known is not None and known[0] == key:
+                return known[1]
+            version = path.read_text(encoding="utf-8").strip()
         except FileNotFoundError as exc:
             raise CollectionNotFound(f"collection {name!r} has no BM25 index") from exc
+        self._versions[name] = (key, version)
+        return version
 
     def _load(self, name: str) -> _Loaded:
         version = self._current_version(name)
@@ -253,13 +306,33 @@ class BM25Index:
                     ids.append(row["id"])
                     texts.append(row["text"])
                     metas.append(row["metadata"])
+            vectors = None
+            if (folder / _VECTORS).is_file():
+                vectors = np.load(folder / _VECTORS)
+                if vectors.shape[0] != len(ids) or vectors.dtype != np.float32:
+                    raise ValueError(f"{_VECTORS} has shape {vectors.shape}, {vectors.dtype}")
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"BM25 index of {name!r} at {folder} is unreadable: {exc}") from exc
-        return _Loaded(version, retriever, ids, texts, metas)
+        return _Loaded(version, retriever, ids, texts, metas, vectors)
 
     def count(self, name: str) -> int:
         """Number of indexed chunks."""
         return len(self._load(name).ids)
+
+    def has_vectors(self, name: str) -> bool:
+        """Whether the collection's current version holds its chunks' embeddings.
+
+        An empty collection counts as having them (there is nothing to miss).
+        """
+        try:
+            loaded = self._load(name)
+        except CollectionNotFound:
+            return False
+        return loaded.vectors is not None or not loaded.ids
+
+    def vectors(self, name: str) -> np.ndarray | None:
+        """The current version's (N, D) unit vectors, in ``all_ids`` order, or None."""
+        return self._load(name).vectors
 
     def all_ids(self, name: str) -> list[str]:
         """Every indexed chunk id, in index order."""
@@ -306,9 +379,57 @@ class BM25Index:
         return [
             LexicalHit(
                 chunk_id=loaded.ids[i],
-                score=float(scores[i]),
+                score=score,
                 text=loaded.texts[i],
                 metadata=loaded.metadatas[i],
             )
-            for i in idx
+            for i, score in zip(idx.tolist(), scores[idx].tolist(), strict=True)
+        ]
+
+    def dense_search(
+        self,
+        name: str,
+        vector: np.ndarray,
+        k: int,
+        *,
+        filters: dict[str, Any] | None = None,
+    ) -> list[DenseHit]:
+        """Exact nearest chunks by cosine similarity, best first, with texts and metadata.
+
+        Args:
+            name: Collection name.
+            vector: Query embedding, shape (D,).
+            k: Maximum number of hits.
+            filters: Metadata equality filters (all must hold), applied before ranking.
+
+        Raises:
+            StoreError: this version holds no vectors (see :meth:`has_vectors`), or
+                the query's dimension differs from theirs.
+        """
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        loaded = self._load(name)
+        if not loaded.ids:
+            return []
+        if loaded.vectors is None:
+            raise StoreError(f"the index of {name!r} holds no vectors")
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)  # (D,)
+        if query.shape[0] != loaded.vectors.shape[1]:
+            raise StoreError(
+                f"query vector has dimension {query.shape[0]}, "
+                f"collection {name!r} holds {loaded.vectors.shape[1]}"
+            )
+        norm = float(np.linalg.norm(query))
+        if norm > 0:
+            query = query / norm
+        allowed = loaded.mask(filters) if filters else None
+        rows, scores = loaded.scan().top(query, k, allowed)  # (k,), (k,)
+        return [
+            DenseHit(
+                chunk_id=loaded.ids[row],
+                score=score,
+                text=loaded.texts[row],
+                metadata=loaded.metadatas[row],
+            )
+            for row, score in zip(rows.tolist(), scores.tolist(), strict=True)
         ]

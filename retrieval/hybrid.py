@@ -130,6 +130,9 @@ class HybridRetriever(BaseRetriever):
         bm25_weight: Weight of the BM25 ranks in the fusion.
         filters: Default metadata equality filters (e.g. ``{"source": ...}``, ``{"page": 3}``).
         rerank_top_n: Candidates the reranker sees.
+        exact_search: Answer the dense side by an exact scan of the vector copy the
+            index keeps for small collections (see ``Ingestor``); Chroma's HNSW
+            otherwise, or when the index has no copy.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -147,6 +150,7 @@ class HybridRetriever(BaseRetriever):
     bm25_weight: float = 1.0
     filters: dict[str, Any] | None = None
     rerank_top_n: int = 20
+    exact_search: bool = True
     _model_checked: bool = PrivateAttr(default=False)
 
     @field_validator("collection")
@@ -256,8 +260,14 @@ class HybridRetriever(BaseRetriever):
         if mode in ("dense", "hybrid"):
             self._check_model()
             vector = self.embedder.embed_query(query)  # (D,)
-            hits = self.chroma.query(self.collection, vector, fetch, filters=filters)
-            dense = [(h.chunk_id, h.score) for h in hits]
+            if self.exact_search and self.bm25.has_vectors(self.collection):
+                exact = self.bm25.dense_search(self.collection, vector, fetch, filters=filters)
+                for near in exact:
+                    dense.append((near.chunk_id, near.score))
+                    payload[near.chunk_id] = (near.text or "", near.metadata or {})
+            else:
+                hits = self.chroma.query(self.collection, vector, fetch, filters=filters)
+                dense = [(h.chunk_id, h.score) for h in hits]
         if mode in ("bm25", "hybrid"):
             try:
                 for hit in self.bm25.search(self.collection, query, fetch, filters=filters):

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from retrieval.bm25_store import BM25Index
+from retrieval.bm25_store import DEFAULT_EXACT_SEARCH_MAX_CHUNKS, BM25Index
 from retrieval.embedding import Embedder, SentenceTransformerEmbedder
 from retrieval.manifest import ChunkRow, DocumentCommit, Manifest
 from retrieval.stores import (
@@ -203,6 +203,10 @@ class Ingestor:
         chunk_size: Tokens per chunk for the default chunker.
         chunk_overlap: Overlapping tokens for the default chunker.
         progress: Called as ``progress(committed_docs, chunks_added)`` after each batch.
+        exact_search_max_chunks: Collections up to this many chunks keep a copy of
+            their vectors beside the BM25 index, so queries scan them exactly instead
+            of asking Chroma's HNSW (faster up to ~20k chunks of 384 dims on a small
+            CPU, and exact); 0 turns the copy off.
     """
 
     def __init__(
@@ -217,9 +221,13 @@ class Ingestor:
         chunk_size: int = 256,
         chunk_overlap: int = 32,
         progress: Callable[[int, int], None] | None = None,
+        exact_search_max_chunks: int = DEFAULT_EXACT_SEARCH_MAX_CHUNKS,
     ) -> None:
         if batch_chunks <= 0:
             raise ValueError(f"batch_chunks must be > 0, got {batch_chunks}")
+        if exact_search_max_chunks < 0:
+            raise ValueError(f"exact_search_max_chunks must be >= 0, got {exact_search_max_chunks}")
+        self.exact_search_max_chunks = exact_search_max_chunks
         self.data_dir = Path(data_dir)
         self.embedder: Embedder = embedder or SentenceTransformerEmbedder()
         self._chunker = chunker
@@ -364,9 +372,25 @@ class Ingestor:
         return len(garbage)
 
     def rebuild_bm25(self, collection: str) -> None:
-        """Rebuild the collection's BM25 index from the manifest's committed chunks."""
+        """Rebuild the collection's BM25 index from the manifest's committed chunks.
+
+        Collections of up to ``exact_search_max_chunks`` chunks also get a copy of
+        their vectors (read back from Chroma) for exact dense search.
+        """
         ids, texts, metas = self.manifest.committed_chunks(collection)
-        self.bm25.build(collection, ids, texts, metas)
+        vectors = None
+        if 0 < len(ids) <= self.exact_search_max_chunks:
+            try:
+                vectors = self.chroma.embeddings(collection, ids)
+            except StoreError as exc:  # Chroma lags the manifest: HNSW serves dense queries
+                logger.warning("%s: no exact-search copy of the vectors: %s", collection, exc)
+        self.bm25.build(collection, ids, texts, metas, vectors=vectors)
+
+    def _wants_vectors(self, collection: str) -> bool:
+        """Whether the live index lacks the vector copy it should have (an index
+        written before the copy existed, or under a lower limit)."""
+        count = self.bm25.count(collection)
+        return 0 < count <= self.exact_search_max_chunks and not self.bm25.has_vectors(collection)
 
     # -- ingestion ---------------------------------------------------------------
 
@@ -417,7 +441,7 @@ class Ingestor:
             run.flush()
             if prune:
                 run.prune()
-            if run.changed or report.recovered_documents:
+            if run.changed or report.recovered_documents or self._wants_vectors(collection):
                 self.rebuild_bm25(collection)
             self.manifest.set_dirty(collection, False)
         report.seconds = time.perf_counter() - started

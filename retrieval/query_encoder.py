@@ -115,8 +115,19 @@ def bert_args(model: Any) -> BertArgs | None:
 
 
 def _token_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model."""
-    return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+    """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model.
+
+    A fast tokenizer's Rust backend is called directly (0.03 ms instead of 0.2 ms
+    through ``__call__``); truncation then keeps the first tokens and the final [SEP],
+    as ``truncation=True`` does for one sequence.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode"):
+        return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+    ids: list[int] = backend.encode(text).ids
+    if len(ids) > max_length:
+        ids = ids[: max_length - 1] + ids[-1:]
+    return ids
 
 
 def encoder_layer(x: Tensor, layer: BertLayer, args: BertArgs) -> Tensor:
@@ -237,6 +248,41 @@ class _MeanPooledEncoder(torch.nn.Module):
         return F.normalize(hidden.mean(dim=1), p=2, dim=-1)  # (1, D)
 
 
+def _fused_bert(model_bytes: bytes, args: BertArgs) -> bytes:
+    """The exported graph with ONNX Runtime's BERT fusions (SkipLayerNormalization,
+    BiasGelu): 5-10% off a query's embedding for ~1.3 s at load. Unchanged when the
+    fusion tool is missing or fails."""
+    try:
+        import onnx
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        options = FusionOptions("bert")
+        options.enable_shape_inference = False  # 3 s of symbolic inference for no fusion
+        quiet = (
+            logging.getLogger("fusion_skiplayernorm"),
+            logging.getLogger("onnxruntime.transformers.fusion_skiplayernorm"),
+        )
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)  # it warns that shape inference is off
+        try:
+            fused = optimize_model(
+                onnx.load_from_string(model_bytes),
+                model_type="bert",
+                num_heads=args.n_heads,
+                hidden_size=args.dim,
+                optimization_options=options,
+            )
+        finally:
+            for q, level in zip(quiet, levels, strict=True):
+                q.setLevel(level)
+        return bytes(fused.model.SerializeToString())
+    except Exception as exc:  # an optional speed-up: any failure keeps the plain graph
+        logger.info("ONNX Runtime's BERT fusions were not applied: %s", exc)
+        return model_bytes
+
+
 class OnnxQueryEncoder:
     """Embeds one query through ONNX Runtime: the model's transformer exported in memory.
 
@@ -290,7 +336,7 @@ class OnnxQueryEncoder:
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # errors only
             session = onnxruntime.InferenceSession(
-                buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+                _fused_bert(buffer.getvalue(), args), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # export / ORT raise many types: all mean "use torch"
             logger.warning("ONNX export of the query encoder failed (%s); using torch", exc)

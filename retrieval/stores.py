@@ -297,6 +297,32 @@ class ChromaStore:
             for i, chunk_id in enumerate(got["ids"])
         }
 
+    def embeddings(self, name: str, ids: Sequence[str]) -> np.ndarray:
+        """Stored vectors of ``ids``, in that order: shape (len(ids), D), float32.
+
+        Raises:
+            StoreError: some ids are not stored.
+        """
+        rows: dict[str, np.ndarray] = {}
+        step = self._max_batch()
+        for start in range(0, len(ids), step):
+            got = self.collection(name).get(
+                ids=list(ids[start : start + step]), include=["embeddings"]
+            )
+            vectors = got["embeddings"]
+            if vectors is None:
+                vectors = []
+            for chunk_id, vector in zip(got["ids"], vectors, strict=True):
+                rows[chunk_id] = np.asarray(vector, dtype=np.float32)
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise StoreError(
+                f"{len(missing)} chunks of {name!r} have no stored vector, e.g. {missing[0]!r}"
+            )
+        if not rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([rows[i] for i in ids])
+
     def query(
         self,
         name: str,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 from app.services.wiring import build_backend, open_retriever
 
 if TYPE_CHECKING:
@@ -208,14 +208,13 @@ def ask(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Answer a question over a collection, with citations (and a tool trace in agent mode)."""
-    from app.settings import get_settings
     from llm_backend.engine.errors import EngineError
     from llm_backend.errors import BackendError
     from retrieval import RetrievalError
 
     if not question.strip():
         fail("the question is empty")
-    settings = get_settings()
+    settings = load_settings(fresh=False)
     top_k = settings.agent.k if k is None else k
     if top_k < 1:
         fail(f"-k must be >= 1, got {top_k}")

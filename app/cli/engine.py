@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 engine_app = typer.Typer(help="Our in-house inference engine.", no_args_is_help=True)
 logger = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ def serve(
         fail(f"--max-batch must be >= 1, got {max_batch}")
     import uvicorn
 
-    from app.settings import get_settings
     from llm_backend.engine.async_engine import AsyncEngine
     from llm_backend.engine.errors import EngineError
     from llm_backend.engine.loader import load_model
@@ -71,7 +70,7 @@ def serve(
     from llm_backend.engine.scheduler import SchedulerConfig
     from llm_backend.engine.server import create_app
 
-    settings = get_settings()
+    settings = load_settings(fresh=False)
     models_dir = models_dir if models_dir is not None else settings.models_dir
     quant = quant if quant is not None else settings.engine.quant
     if compile_decode is None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -30,9 +30,7 @@ eval_app = typer.Typer(
 
 
 def _settings() -> Settings:
-    from app.settings import Settings
-
-    return Settings()
+    return load_settings()
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 if TYPE_CHECKING:
     from app.db import Database
@@ -22,9 +22,8 @@ keys_app = typer.Typer(name="keys", help="Create, list and revoke API keys.", no
 def _db() -> Database:
     from app.db import Database
     from app.main import database_url
-    from app.settings import Settings
 
-    return Database(database_url(Settings()))
+    return Database(database_url(load_settings()))
 
 
 @keys_app.command("create")

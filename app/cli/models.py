@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 models_app = typer.Typer(help="Local model files (offline registry).", no_args_is_help=True)
 
@@ -19,9 +19,8 @@ ModelsDirOption = Annotated[
 def _models_dir(override: Path | None) -> Path:
     if override is not None:
         return override
-    from app.settings import get_settings
 
-    return get_settings().models_dir
+    return load_settings(fresh=False).models_dir
 
 
 @models_app.command("pull")

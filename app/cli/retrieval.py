@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -24,9 +24,7 @@ collections_app = typer.Typer(
 
 
 def _settings() -> Settings:
-    from app.settings import Settings
-
-    return Settings()  # fresh: tests and scripts change RAGLOOM_* between calls
+    return load_settings()  # fresh: tests and scripts change RAGLOOM_* between calls
 
 
 def _split_columns(value: str | None) -> list[str] | None:
@@ -58,6 +56,7 @@ def _ingestor(settings: Settings, *, chunk_size: int, chunk_overlap: int, loader
         chunk_size=chunk_size,
         chunk_overlap=chunk_overlap,
         progress=progress,
+        exact_search_max_chunks=settings.retrieval.exact_search_max_chunks,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the REST API (chat, sessions, collections, search, OpenAI-compatible /v1)."""
-    from app.settings import Settings
-
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535, got {port}")
-    settings = Settings()
+    settings = load_settings()
     problem = check_bind(host, settings.api.auth)
     if problem:
         fail(problem)

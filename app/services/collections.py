@@ -145,6 +145,7 @@ class CollectionService:
                 batch_chunks=r.ingest_batch_chunks,
                 chunk_size=r.chunk_size,
                 chunk_overlap=r.chunk_overlap,
+                exact_search_max_chunks=r.exact_search_max_chunks,
             )
             ingestor.chroma, ingestor.bm25 = self.chroma, self.bm25  # one cache of each
             self._ingestor = ingestor

@@ -69,6 +69,23 @@ def test_ingest_query_collections_roundtrip(env: tuple[Path, Path]) -> None:
 
     code, out = invoke("collections", "list")
     assert code == 0 and "notes\t6 documents\t6 chunks" in out
+    assert list((data / "bm25" / "notes").glob("v-*/vectors.npy"))  # the exact-search copy
+
+
+def test_exact_search_limit_is_a_setting(
+    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, src = env
+    monkeypatch.setenv("RAGLOOM_RETRIEVAL__EXACT_SEARCH_MAX_CHUNKS", "0")
+    code, out = invoke("ingest", str(src), "--collection", "hnsw-only")
+    assert code == 0, out
+    assert not list((data / "bm25" / "hnsw-only").glob("v-*/vectors.npy"))
+    rows = invoke_json("query", "lava", "-c", "hnsw-only", "-k", "1", "--mode", "dense", "--json")
+    assert isinstance(rows, list) and rows[0]["metadata"]["source"].endswith("volcano.txt")
+    monkeypatch.setenv("RAGLOOM_RETRIEVAL__EXACT_SEARCH_MAX_CHUNKS", "-1")
+    code, out = invoke("ingest", str(src), "--collection", "hnsw-only")
+    assert code != 0 and "Traceback" not in out
+    assert "bad setting RAGLOOM_RETRIEVAL__EXACT_SEARCH_MAX_CHUNKS: Input should be" in out
 
 
 def test_ingest_failures_exit_non_zero_with_reasons(env: tuple[Path, Path], tmp_path: Path) -> None:

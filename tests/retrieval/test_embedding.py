@@ -65,6 +65,9 @@ def test_lean_query_encoders_match_sentence_transformers(backend: str) -> None:
     assert encoder is not None
     texts = ["what causes scurvy?", "Ünïcödé ☃ and 42 numbers", "", "tides " * 400]
     assert len(encoder.token_ids(texts[-1])) == model.max_seq_length  # truncated like encode
+    for text in [*texts, "a " * 300 + "end"]:
+        want = model.tokenizer(text, truncation=True, max_length=model.max_seq_length)
+        assert encoder.token_ids(text) == want["input_ids"]
     expected = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     for text, vector in zip(texts, expected, strict=True):
         lean = encoder.encode(text)

@@ -46,9 +46,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield root / "data"
 
 
-@pytest.fixture(scope="module")
-def retriever(data_dir: Path) -> HybridRetriever:
-    return make_retriever(data_dir, "notes", k=3)
+@pytest.fixture(scope="module", params=[True, False], ids=["exact", "chroma"])
+def retriever(data_dir: Path, request: pytest.FixtureRequest) -> HybridRetriever:
+    # the dense side from the index's exact vector copy, or from Chroma's HNSW
+    return make_retriever(data_dir, "notes", k=3, exact_search=request.param)
 
 
 def _source_name(doc: Document) -> str:

@@ -27,6 +27,13 @@ def assert_in_sync(ingestor: Ingestor, collection: str) -> set[str]:
     assert len(bm25_ids) == len(set(bm25_ids)) and set(bm25_ids) == committed
     assert ingestor.manifest.pending(collection) == {}
     assert ingestor.manifest.garbage(collection) == []
+    # the exact-search copy of the vectors is Chroma's, row for row
+    vectors = ingestor.bm25.vectors(collection)
+    if 0 < len(bm25_ids) <= ingestor.exact_search_max_chunks:
+        assert vectors is not None
+        stored = ingestor.chroma.embeddings(collection, bm25_ids)
+        stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+        np.testing.assert_allclose(vectors, stored, atol=1e-6)
     docs = ingestor.manifest.documents(collection)
     assert sum(d.n_chunks for d in docs.values()) == len(committed)
     return committed
@@ -73,6 +80,37 @@ def test_ingest_skip_replace_prune_keeps_stores_in_sync(tmp_path: Path) -> None:
     remaining = assert_in_sync(ingestor, "notes")
     comet_id = doc_id_for(str(paths["comet"].resolve()))
     assert not any(i.startswith(comet_id) for i in remaining)
+
+
+def test_vector_copy_follows_the_limit_and_old_indexes_get_it(tmp_path: Path) -> None:
+    paths = write_corpus(tmp_path / "src")
+    data = tmp_path / "data"
+    without = make_ingestor(data, exact_search_max_chunks=0)
+    assert without.ingest([tmp_path / "src"], "notes").ok
+    assert without.bm25.vectors("notes") is None and not without.bm25.has_vectors("notes")
+    hnsw = make_retriever(data, "notes", k=3)  # no copy: the dense side asks Chroma
+    top = hnsw.search("the moon pulls the sea", mode="dense")[0]
+    assert top.metadata["source"] == str(paths["tides"].resolve())
+    without.close()
+
+    again = make_ingestor(data)  # nothing changed, but the index lacks its copy
+    report = again.ingest([tmp_path / "src"], "notes")
+    assert report.count("unchanged") == len(TOPICS) and report.chunks_added == 0
+    assert again.bm25.has_vectors("notes")
+    assert_in_sync(again, "notes")
+    exact = make_retriever(data, "notes", k=3)
+    chroma = make_retriever(data, "notes", k=3, exact_search=False)
+    for query in ("the moon pulls the sea", "bread dough rising", "lava from a mountain"):
+        got = exact.search(query, mode="dense")
+        want = chroma.search(query, mode="dense")
+        assert [c.chunk_id for c in got] == [c.chunk_id for c in want]
+        assert [c.dense_score for c in got] == pytest.approx(
+            [c.dense_score for c in want], abs=1e-5
+        )
+        assert got[0].text == want[0].text and got[0].metadata == want[0].metadata
+    with pytest.raises(ValueError, match="exact_search_max_chunks must be >= 0"):
+        make_ingestor(data, exact_search_max_chunks=-1)
+    again.close()
 
 
 def test_bad_files_are_reported_and_never_stop_the_batch(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from retrieval.stores import (
     ChromaStore,
     CollectionNotFound,
     InvalidCollectionName,
+    StoreError,
     validate_collection_name,
     where_clause,
 )
@@ -134,3 +135,50 @@ def test_bm25_rejects_bad_k(tmp_path: Path) -> None:
     index.build("notes", ["a:0"], ["x y z words"], [{}])
     with pytest.raises(ValueError, match="k must be > 0, got 0"):
         index.search("notes", "words", k=0)
+
+
+def test_bm25_index_keeps_vectors_for_exact_dense_search(tmp_path: Path) -> None:
+    index = BM25Index(tmp_path / "bm25")
+    ids = [f"d{i}:0" for i in range(40)]
+    texts = [f"note number {i}" for i in range(40)]
+    metas = [{"source": f"s{i % 4}", "page": i} for i in range(40)]
+    vectors = 3.0 * _unit(40, d=16, seed=5)  # not unit length: the index normalizes
+    index.build("notes", ids, texts, metas, vectors=vectors)
+    assert index.has_vectors("notes")
+    reader = BM25Index(tmp_path / "bm25")  # another process's view, from disk
+    query = vectors[7] + 0.05
+    hits = reader.dense_search("notes", query, k=5)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosine = unit @ (query / np.linalg.norm(query))
+    assert [h.chunk_id for h in hits] == [ids[i] for i in np.argsort(-cosine)[:5]]
+    assert hits[0].chunk_id == "d7:0" and hits[0].text == "note number 7"
+    assert hits[0].metadata == metas[7]
+    assert [h.score for h in hits] == pytest.approx(sorted(cosine, reverse=True)[:5], abs=1e-5)
+    filtered = reader.dense_search("notes", query, k=50, filters={"source": "s2"})
+    assert len(filtered) == 10 and {h.metadata["source"] for h in filtered} == {"s2"}
+    assert [h.score for h in filtered] == sorted((h.score for h in filtered), reverse=True)
+    assert reader.dense_search("notes", query, k=5, filters={"source": "none"}) == []
+    with pytest.raises(StoreError, match="dimension 8, collection 'notes' holds 16"):
+        reader.dense_search("notes", np.ones(8, dtype=np.float32), k=3)
+    with pytest.raises(ValueError, match="one vector per chunk"):
+        index.build("notes", ids, texts, metas, vectors=vectors[:3])
+    # a rebuild without vectors: readers notice and must use Chroma instead
+    index.build("notes", ids[:2], texts[:2], metas[:2])
+    assert not reader.has_vectors("notes")
+    with pytest.raises(StoreError, match="holds no vectors"):
+        reader.dense_search("notes", query, k=3)
+    index.build("notes", [], [], [])
+    assert reader.has_vectors("notes") and reader.dense_search("notes", query, k=3) == []
+    assert not reader.has_vectors("missing")
+
+
+def test_chroma_embeddings_come_back_in_the_asked_order(tmp_path: Path) -> None:
+    store = ChromaStore(tmp_path)
+    store.create_collection("docs")
+    vectors = _unit(5)
+    ids = [f"x{i}:0" for i in range(5)]
+    store.add("docs", ids, vectors, [f"t{i}" for i in range(5)], [{} for _ in range(5)])
+    got = store.embeddings("docs", ids[::-1])
+    np.testing.assert_allclose(got, vectors[::-1], atol=1e-6)
+    with pytest.raises(StoreError, match="1 chunks of 'docs' have no stored vector"):
+        store.embeddings("docs", [ids[0], "nope:0"])
