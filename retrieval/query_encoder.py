@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,30 +115,52 @@ def bert_args(model: Any) -> BertArgs | None:
     )
 
 
-def _token_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model.
+def token_id_function(tokenizer: Any, max_length: int) -> Callable[[str], list[int]]:
+    """``text -> ids`` ([CLS] ... [SEP]) truncated to ``max_length`` like the model does.
 
-    A fast tokenizer's Rust backend is called directly (0.03 ms instead of 0.2 ms
-    through ``__call__``); truncation then keeps the first tokens and the final [SEP],
-    as ``truncation=True`` does for one sequence.
+    For a fast tokenizer this calls a private copy of its Rust backend with padding
+    and truncation off (0.03 ms instead of 0.2 ms through ``__call__``), then keeps the
+    first tokens and the final [SEP], as ``truncation=True`` does for one sequence. A
+    copy, because the shared backend carries state: tokenizer.json files often set
+    fixed padding to 128, and every ``__call__`` changes it.
     """
+    own = None
     backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode"):
-        return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
-    ids: list[int] = backend.encode(text).ids
-    if len(ids) > max_length:
-        ids = ids[: max_length - 1] + ids[-1:]
-    return ids
+    if backend is not None and hasattr(backend, "to_str"):
+        try:
+            from tokenizers import Tokenizer
+
+            own = Tokenizer.from_str(backend.to_str())
+            own.no_padding()
+            own.no_truncation()
+        except Exception as exc:  # an optional speed-up: fall back to __call__
+            logger.debug("tokenizer backend copy failed (%s); using the tokenizer", exc)
+            own = None
+    if own is None:
+
+        def slow(text: str) -> list[int]:
+            return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+
+        return slow
+    backend_copy = own
+
+    def fast(text: str) -> list[int]:
+        ids: list[int] = backend_copy.encode(text).ids
+        if len(ids) > max_length:
+            ids = ids[: max_length - 1] + ids[-1:]
+        return ids
+
+    return fast
 
 
 def encoder_layer(x: Tensor, layer: BertLayer, args: BertArgs) -> Tensor:
     """Post-norm BERT layer: attention + residual, LayerNorm; GELU MLP + residual, LayerNorm."""
-    T, D = x.shape
-    H, hd = args.n_heads, args.head_dim
+    D, H, hd = args.dim, args.n_heads, args.head_dim
+    # -1 for T and a constant scale keep the exported ONNX graph free of shape arithmetic
     qkv = F.linear(x, layer.wqkv, layer.bqkv)  # (T, 3D)
-    q, k, v = qkv.view(T, 3, H, hd).permute(1, 2, 0, 3).unbind(0)  # (H, T, hd) each
-    y = F.scaled_dot_product_attention(q, k, v)  # (H, T, hd): no padding, no mask
-    y = y.transpose(0, 1).reshape(T, D)  # (T, D)
+    q, k, v = qkv.view(-1, 3, H, hd).permute(1, 2, 0, 3).unbind(0)  # (H, T, hd) each
+    y = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # (H, T, hd): no mask
+    y = y.transpose(0, 1).reshape(-1, D)  # (T, D)
     x = x + F.linear(y, layer.wo, layer.bo)
     x = F.layer_norm(x, (D,), *layer.attention_norm, args.norm_eps)
     h = F.gelu(F.linear(x, layer.w1, layer.b1))  # (T, F)
@@ -167,6 +190,7 @@ class BertQueryEncoder:
     ) -> None:
         self.args = args
         self.tokenizer = tokenizer
+        self._token_ids = token_id_function(tokenizer, args.max_seq_length)
         self.word_embeddings, self.position_embeddings, self.type_embedding, self.embedding_norm = (
             embeddings
         )
@@ -218,69 +242,34 @@ class BertQueryEncoder:
 
     def token_ids(self, text: str) -> list[int]:
         """The model's tokens for ``text`` ([CLS] ... [SEP]), truncated like the model."""
-        return _token_ids(self.tokenizer, text, self.args.max_seq_length)
+        return self._token_ids(text)
 
-    @torch.inference_mode()
-    def encode(self, text: str) -> np.ndarray:
-        """The query's sentence embedding: float32 (D,), unit length (as the retriever
-        stores documents: cosine = dot product)."""
-        ids = torch.tensor(self.token_ids(text))  # (T,)
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids (T,) -> unit-length mean of the last hidden states, float32 (D,)."""
         T, D = ids.shape[0], self.args.dim
         x = self.word_embeddings[ids] + self.position_embeddings[:T] + self.type_embedding
         x = F.layer_norm(x, (D,), *self.embedding_norm, self.args.norm_eps)  # (T, D)
         for layer in self.layers:
             x = encoder_layer(x, layer, self.args)
         pooled = x.float().mean(dim=0)  # (D,): mean over the tokens (no padding)
-        return F.normalize(pooled, p=2, dim=0).numpy()
+        return F.normalize(pooled, p=2, dim=0)
+
+    @torch.inference_mode()
+    def encode(self, text: str) -> np.ndarray:
+        """The query's sentence embedding: float32 (D,), unit length (as the retriever
+        stores documents: cosine = dot product)."""
+        return self.forward(torch.tensor(self.token_ids(text))).numpy()
 
 
-class _MeanPooledEncoder(torch.nn.Module):
-    """token ids (1, T) -> unit-length mean of the last hidden states (1, D), for export."""
+class _ExportedEncoder(torch.nn.Module):
+    """token ids (1, T) -> ``BertQueryEncoder.forward`` (1, D), for the ONNX export."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, encoder: BertQueryEncoder) -> None:
         super().__init__()
-        self.transformer = transformer
+        self.encoder = encoder
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        hidden = self.transformer(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids)
-        ).last_hidden_state  # (1, T, D)
-        return F.normalize(hidden.mean(dim=1), p=2, dim=-1)  # (1, D)
-
-
-def _fused_bert(model_bytes: bytes, args: BertArgs) -> bytes:
-    """The exported graph with ONNX Runtime's BERT fusions (SkipLayerNormalization,
-    BiasGelu): 5-10% off a query's embedding for ~1.3 s at load. Unchanged when the
-    fusion tool is missing or fails."""
-    try:
-        import onnx
-        from onnxruntime.transformers.fusion_options import FusionOptions
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        options = FusionOptions("bert")
-        options.enable_shape_inference = False  # 3 s of symbolic inference for no fusion
-        quiet = (
-            logging.getLogger("fusion_skiplayernorm"),
-            logging.getLogger("onnxruntime.transformers.fusion_skiplayernorm"),
-        )
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)  # it warns that shape inference is off
-        try:
-            fused = optimize_model(
-                onnx.load_from_string(model_bytes),
-                model_type="bert",
-                num_heads=args.n_heads,
-                hidden_size=args.dim,
-                optimization_options=options,
-            )
-        finally:
-            for q, level in zip(quiet, levels, strict=True):
-                q.setLevel(level)
-        return bytes(fused.model.SerializeToString())
-    except Exception as exc:  # an optional speed-up: any failure keeps the plain graph
-        logger.info("ONNX Runtime's BERT fusions were not applied: %s", exc)
-        return model_bytes
+        return self.encoder.forward(input_ids[0])[None]
 
 
 class OnnxQueryEncoder:
@@ -301,6 +290,7 @@ class OnnxQueryEncoder:
         self.session = session
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
+        self._token_ids = token_id_function(tokenizer, max_seq_length)
 
     @classmethod
     def from_sentence_transformer(cls, model: Any) -> OnnxQueryEncoder | None:
@@ -318,13 +308,17 @@ class OnnxQueryEncoder:
         except ImportError:
             return None
         tokenizer = model.tokenizer
-        example = torch.tensor([tokenizer("an example query")["input_ids"]])
+        example = torch.tensor([token_id_function(tokenizer, args.max_seq_length)("an example")])
         buffer = io.BytesIO()
         try:
+            # The lean encoder's graph, not Hugging Face's: ~40% fewer nodes (no mask or
+            # shape arithmetic) and 0.5-1 ms faster per query on a 2-core EPYC.
+            lean = BertQueryEncoder.from_sentence_transformer(model)
+            assert lean is not None  # bert_args passed
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the exporter's notes on HF's graph
+                warnings.simplefilter("ignore")  # the tracer's notes on Python-side shapes
                 torch.onnx.export(
-                    _MeanPooledEncoder(model[0].auto_model).eval(),
+                    _ExportedEncoder(lean).eval(),
                     (example,),
                     buffer,  # type: ignore[arg-type]  # the exporter writes to a file object too
                     input_names=["input_ids"],
@@ -336,7 +330,7 @@ class OnnxQueryEncoder:
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3  # errors only
             session = onnxruntime.InferenceSession(
-                _fused_bert(buffer.getvalue(), args), options, providers=["CPUExecutionProvider"]
+                buffer.getvalue(), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # export / ORT raise many types: all mean "use torch"
             logger.warning("ONNX export of the query encoder failed (%s); using torch", exc)
@@ -345,7 +339,7 @@ class OnnxQueryEncoder:
 
     def token_ids(self, text: str) -> list[int]:
         """The model's tokens for ``text``, truncated like the model."""
-        return _token_ids(self.tokenizer, text, self.max_seq_length)
+        return self._token_ids(text)
 
     def encode(self, text: str) -> np.ndarray:
         """The query's unit-length embedding, float32 (D,)."""

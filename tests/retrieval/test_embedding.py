@@ -64,10 +64,18 @@ def test_lean_query_encoders_match_sentence_transformers(backend: str) -> None:
         encoder = OnnxQueryEncoder.from_sentence_transformer(model)
     assert encoder is not None
     texts = ["what causes scurvy?", "Ünïcödé ☃ and 42 numbers", "", "tides " * 400]
+    want_short = model.tokenizer("what causes scurvy?")
     assert len(encoder.token_ids(texts[-1])) == model.max_seq_length  # truncated like encode
     for text in [*texts, "a " * 300 + "end"]:
         want = model.tokenizer(text, truncation=True, max_length=model.max_seq_length)
         assert encoder.token_ids(text) == want["input_ids"]
+    # whatever state the shared tokenizer backend is left in (tokenizer.json files often
+    # pad to a fixed 128), the encoder's ids are the text's own, unpadded
+    model.tokenizer._tokenizer.enable_padding(length=128)
+    try:
+        assert encoder.token_ids("what causes scurvy?") == want_short["input_ids"]
+    finally:
+        model.tokenizer._tokenizer.no_padding()
     expected = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     for text, vector in zip(texts, expected, strict=True):
         lean = encoder.encode(text)
