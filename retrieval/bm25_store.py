@@ -330,6 +330,13 @@ class BM25Index:
             return False
         return loaded.vectors is not None or not loaded.ids
 
+    def warm_up(self, name: str) -> None:
+        """Load the collection's current version and prepare its vector scan now, so
+        the first query does not pay for them."""
+        loaded = self._load(name)
+        if loaded.vectors is not None and loaded.ids:
+            loaded.scan()
+
     def vectors(self, name: str) -> np.ndarray | None:
         """The current version's (N, D) unit vectors, in ``all_ids`` order, or None."""
         return self._load(name).vectors

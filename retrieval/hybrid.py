@@ -208,7 +208,7 @@ class HybridRetriever(BaseRetriever):
         self.embedder.warm_up()
         self._check_model()
         if self.bm25.has_collection(self.collection):
-            self.bm25.count(self.collection)
+            self.bm25.warm_up(self.collection)
         if self.reranker is not None:
             self.reranker.warm_up()
 

@@ -146,6 +146,8 @@ def test_bm25_index_keeps_vectors_for_exact_dense_search(tmp_path: Path) -> None
     index.build("notes", ids, texts, metas, vectors=vectors)
     assert index.has_vectors("notes")
     reader = BM25Index(tmp_path / "bm25")  # another process's view, from disk
+    reader.warm_up("notes")  # builds the scan before the first query
+    assert reader._load("notes")._scan is not None
     query = vectors[7] + 0.05
     hits = reader.dense_search("notes", query, k=5)
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
