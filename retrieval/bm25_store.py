@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.stores import CollectionNotFound, DenseHit, StoreError, validate_collection_name
-from retrieval.vector_scan import VectorScan, unit_rows
+from retrieval.vector_scan import VectorScan, top_positions, unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -378,11 +378,7 @@ class BM25Index:
         n_pos = int(np.count_nonzero(scores > 0))
         if n_pos == 0:
             return []
-        top = min(k, n_pos)
-        idx = (
-            np.argpartition(-scores, top - 1)[:top] if top < len(scores) else np.arange(len(scores))
-        )
-        idx = idx[np.argsort(-scores[idx], kind="stable")][:top]
+        idx = top_positions(scores, min(k, n_pos))
         return [
             LexicalHit(
                 chunk_id=loaded.ids[i],

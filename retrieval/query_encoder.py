@@ -308,13 +308,13 @@ class OnnxQueryEncoder:
         except ImportError:
             return None
         tokenizer = model.tokenizer
-        example = torch.tensor([token_id_function(tokenizer, args.max_seq_length)("an example")])
         buffer = io.BytesIO()
         try:
             # The lean encoder's graph, not Hugging Face's: 330 nodes instead of 713 (no mask or
             # shape arithmetic) and 0.5-1 ms faster per query on a 2-core EPYC.
             lean = BertQueryEncoder.from_sentence_transformer(model)
             assert lean is not None  # bert_args passed
+            example = torch.tensor([lean.token_ids("an example")])
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes on Python-side shapes
                 torch.onnx.export(

@@ -39,7 +39,7 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 
 
-def _best(scores: np.ndarray, n: int) -> np.ndarray:
+def top_positions(scores: np.ndarray, n: int) -> np.ndarray:
     """Positions of the ``n`` highest scores, best first (ties keep position order)."""
     part = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
     return part[np.argsort(-scores[part], kind="stable")]
@@ -98,9 +98,6 @@ class VectorScan:
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
 
-    def __len__(self) -> int:
-        return len(self.vectors)
-
     def approximate(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """int8 scores of every row (N,) and, per row, a bound on their error (N,).
 
@@ -135,10 +132,10 @@ class VectorScan:
         if k == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         n_cand = min(len(pool), max(_CANDIDATE_FACTOR * k, _MIN_CANDIDATES))
-        order = _best(approx, n_cand)  # (C,) into pool
+        order = top_positions(approx, n_cand)  # (C,) into pool
         rows = pool[order]
         exact = self.vectors[rows] @ query  # (C,)
-        best = _best(exact, k)
+        best = top_positions(exact, k)
         if n_cand < len(pool):
             # A row left out scores at most its approximation + slack; the k-th kept
             # row must beat all of them, or the answer may be inexact.
@@ -147,6 +144,6 @@ class VectorScan:
             if float(exact[best[-1]]) < float(upper.max()):
                 logger.debug("int8 candidates not provably exact; rescanning in float32")
                 exact = (self.vectors if allowed is None else self.vectors[pool]) @ query
-                best = _best(exact, k)
+                best = top_positions(exact, k)
                 return pool[best], exact[best]
         return rows[best], exact[best]
