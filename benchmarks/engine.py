@@ -3,8 +3,9 @@
 Same GGUF (SmolLM2-135M-Instruct Q4_1), one run, each engine in its own subprocess (so
 peak RSS is its own). Figures: prefill tok/s (512-token prompt), decode tok/s at batch
 1, aggregate decode tok/s with 8 and 32 concurrent requests, TTFT of a 1,500-token
-prompt, peak RSS. Targets are printed beside, plus our batch-1 ratio to the int8
-bandwidth bound (205 tok/s on this machine kind).
+prompt, peak RSS, and start-up time (``load_s``, no target). Targets are printed
+beside, plus our batch-1 ratio to the int8 bandwidth bound (205 tok/s on this machine
+kind).
 
 Peers: transformers loads the GGUF in fp32; llama-cpp-python runs only if
 ``.venv-llamacpp`` exists (``use_extra_bufts=False``, else it segfaults on AMX); vLLM
@@ -57,6 +58,8 @@ def _prompt_ids(encode: Any, n_tokens: int, salt: int = 0) -> list[int]:
 
 
 def _model_path() -> Path:
+    if os.environ.get("RAGLOOM_BENCH_MODEL"):  # resolved by the parent (workers without torch)
+        return Path(os.environ["RAGLOOM_BENCH_MODEL"])
     from llm_backend.engine.registry import pull_model
 
     cache = Path(os.environ.get("RAGLOOM_MODELS_DIR", "~/.cache/ragloom/models")).expanduser()
@@ -78,6 +81,7 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
 
     # "int4" or "int4-compiled": the weights, and whether decode runs through torch.compile
     quant, _, mode = variant.partition("-")
+    load_started = time.perf_counter()
     loaded = load_model(
         _model_path(),
         quant=quant,
@@ -85,6 +89,7 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
         max_seq_len=2048,
         compile_decode=mode == "compiled",
     )
+    load_s = time.perf_counter() - load_started
     tok = loaded.tokenizer
 
     def run(prompts: list[list[int]], max_tokens: int, chunk: int = 512) -> dict[str, float]:
@@ -130,6 +135,7 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
         "agg_32_tok_s": agg32["tokens"] / agg32["total"],
         "ttft_1500_s": ttft["ttft"],
         "peak_rss_mib": _peak_rss_mib(),
+        "load_s": load_s,
     }
 
 
@@ -139,10 +145,12 @@ def bench_hf(decode_tokens: int) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _model_path()
+    load_started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    load_s = time.perf_counter() - load_started
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
 
     def forward_time(n: int) -> float:
@@ -178,6 +186,7 @@ def bench_hf(decode_tokens: int) -> dict[str, float]:
         "agg_32_tok_s": agg32,
         "ttft_1500_s": ttft,
         "peak_rss_mib": _peak_rss_mib(),
+        "load_s": load_s,
     }
 
 
@@ -185,7 +194,9 @@ def bench_hf(decode_tokens: int) -> dict[str, float]:
 def bench_llamacpp(decode_tokens: int) -> dict[str, float]:
     from llama_cpp import Llama  # only inside .venv-llamacpp
 
+    load_started = time.perf_counter()
     llm = Llama(str(_model_path()), n_ctx=2048, n_threads=2, verbose=False, use_extra_bufts=False)
+    load_s = time.perf_counter() - load_started
 
     def tokens(n: int, salt: int) -> list[int]:
         return _prompt_ids(lambda t: llm.tokenize(t.encode(), add_bos=False), n, salt)
@@ -213,6 +224,7 @@ def bench_llamacpp(decode_tokens: int) -> dict[str, float]:
         "agg_32_tok_s": nan,
         "ttft_1500_s": ttft,
         "peak_rss_mib": _peak_rss_mib(),
+        "load_s": load_s,
     }
 
 
@@ -265,6 +277,7 @@ def bench_vllm(url: str, decode_tokens: int) -> dict[str, float]:
         "agg_32_tok_s": concurrent(32),
         "ttft_1500_s": one(1500, 1)[0],
         "peak_rss_mib": float("nan"),
+        "load_s": float("nan"),  # the server was started beforehand
     }
 
 
@@ -290,7 +303,12 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, float] | s
     command = [python, __file__, "--worker", name, "--decode-tokens", str(args.decode_tokens)]
     if args.vllm_url:
         command += ["--vllm-url", args.vllm_url]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "RAGLOOM_BENCH_MODEL": str(_model_path()),
+    }
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -333,6 +351,11 @@ def main() -> None:
     for metric, (op, target) in TARGETS.items():
         row = f"{metric:<18}" + "".join(f"{_format(r[metric]):>{width}}" for r in measured.values())
         print(row + f"{op + _format(target):>10}")
+    # no target: start-up (load, quantize, and for -compiled the decode graphs)
+    row = f"{'load_s':<18}" + "".join(
+        f"{_format(r.get('load_s', float('nan'))):>{width}}" for r in measured.values()
+    )
+    print(row + f"{'-':>10}")
     for name, result in results.items():
         if isinstance(result, str):
             print(f"{name}: {result}")

@@ -135,15 +135,24 @@ class KVCache(nn.Module):
         self,
         slot_index: Tensor,  # (B, 1) long: each row's slot
         first_slot: int | None,  # rows own slots first_slot.. (views, no copy); None: gather
-        input_pos: Tensor,  # (B, T)
-        k: Tensor,  # (B, Hkv, T, hd)
+        write_rows: Tensor,  # (B*T*Hkv,) long: Transformer.cache_write_rows
+        k: Tensor,  # (B, T, Hkv, hd)
         v: Tensor,
         kv_len: int,
     ) -> tuple[Tensor, Tensor]:
-        """Write ``k``/``v`` at ``input_pos`` of each row's slot, then return the first
-        ``kv_len`` positions of those slots, (B, Hkv, kv_len, hd) each."""
-        self.k_cache[slot_index, :, input_pos] = k.transpose(1, 2)  # (B, T, Hkv, hd)
-        self.v_cache[slot_index, :, input_pos] = v.transpose(1, 2)
+        """Write ``k``/``v`` into their rows of the cache, then return the first
+        ``kv_len`` positions of the batch's slots, (B, Hkv, kv_len, hd) each.
+
+        The write is one ``index_copy_`` per tensor over the cache viewed as
+        (slots * Hkv * S_max, hd) rows: indexing ``cache[slot, :, pos] = k`` costs
+        ~70 us per layer in Python-side index handling, this a few.
+        """
+        hd = k.shape[-1]
+        # the quantized linears' kernels may hand over bf16 rows for a float32 cache
+        k_rows = _as_dtype(k, self.k_cache.dtype).reshape(-1, hd)  # (B*T*Hkv, hd)
+        v_rows = _as_dtype(v, self.v_cache.dtype).reshape(-1, hd)
+        self.k_cache.view(-1, hd).index_copy_(0, write_rows, k_rows)
+        self.v_cache.view(-1, hd).index_copy_(0, write_rows, v_rows)
         if first_slot is not None:
             rows = slice(first_slot, first_slot + k.shape[0])
             return self.k_cache[rows, :, :kv_len], self.v_cache[rows, :, :kv_len]
@@ -161,12 +170,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.out_dtype: torch.dtype | None = None  # None: same as the input
+        self.register_buffer("eps_tensor", torch.tensor(eps), persistent=False)
+        self.eps_tensor: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
         # x is the float32 residual stream (weight float32 too); the output feeds the
         # matmuls in ``out_dtype`` (bfloat16 for bf16 / int8 / int4 models).
-        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return out if self.out_dtype is None else out.to(self.out_dtype)
+        # Not F.rms_norm: on CPU it decomposes into ~7 ops, 30-50 us per decode call
+        # here; this is 5. rsqrt(|x|^2 / D + eps) with |x| from one fused reduction.
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+        inv_rms = torch.addcmul(self.eps_tensor, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
+        out = (x * inv_rms).mul_(self.weight)
+        if self.out_dtype is None or out.dtype == self.out_dtype:
+            return out
+        return out.to(self.out_dtype)
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatch when it is a no-op (decode makes hundreds)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
@@ -200,8 +222,9 @@ class Attention(nn.Module):
         x: Tensor,  # (B, T, D)
         cos: Tensor,  # (B, T, 1, hd)
         sin: Tensor,
-        mask: Tensor,  # (B, 1, T, S): bool (True = attend), or a float 0/-inf bias for small T
-        input_pos: Tensor,  # (B, T)
+        mask: Tensor,  # (B, 1, T, S) bool (True = attend), or for small T the float
+        # 0/-inf bias (B * Hkv, G * T, S) of Transformer.small_t_bias
+        write_rows: Tensor,  # (B*T*Hkv,): where this step's K/V go in the cache
         slot_index: Tensor,  # (B, 1)
         first_slot: int | None,
         kv_len: int,
@@ -216,10 +239,11 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise EngineError(_NO_CACHE)
         k_all, v_all = self.kv_cache.update(
-            slot_index, first_slot, input_pos, k.transpose(1, 2), v.transpose(1, 2), kv_len
+            slot_index, first_slot, write_rows, k, v, kv_len
         )  # (B, Hkv, S, hd)
         if mask.dtype != torch.bool:  # the float bias built for a few query tokens
-            y = self._small_t_attention(q, k_all, v_all, mask)  # (B, T, H * hd)
+            y = self._small_t_attention(q, k_all, v_all, mask)  # (B, T, H * hd), float32
+            y = _as_dtype(y, q.dtype)
         else:
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=True
@@ -227,26 +251,31 @@ class Attention(nn.Module):
             y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.wo(y)  # (B, T, D)
 
-    def _small_t_attention(self, q: Tensor, k: Tensor, v: Tensor, mask_bias: Tensor) -> Tensor:
-        """Attention for a few query tokens (decode) as two float32 matmuls.
+    def _small_t_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Attention for a few query tokens (decode) as two float32 batched matmuls.
 
         CPU SDPA costs ~0.15-0.8 ms per call at T=1 (3-6x this path). Query heads are
-        grouped under their KV head, so GQA needs no K/V repeat:
-        q (B, T, H, hd) -> (B, Hkv, G*T, hd); scores (B, Hkv, G, T, S).
+        grouped under their KV head, so GQA needs no K/V repeat, and every op is a view
+        at T=1 except the three that compute:
+        q (B, T, H, hd) -> (B*Hkv, G*T, hd); scores (B*Hkv, G*T, S).
+        ``bias`` (B*Hkv, G*T, S) holds 0 / -inf (``Transformer.small_t_bias``).
         """
         B, T = q.shape[:2]
         S = k.shape[2]
         G = self.n_heads // self.n_kv_heads
         hd = self.head_dim
+        rows = B * self.n_kv_heads
         qg = q.view(B, T, self.n_kv_heads, G, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
-        qg = qg.reshape(B, self.n_kv_heads, G * T, hd).float()
-        scores = torch.matmul(qg, k.float().transpose(-1, -2))  # (B, Hkv, G*T, S)
-        scores = scores.mul_(hd**-0.5).view(B, self.n_kv_heads, G, T, S)
-        scores = scores.add_(mask_bias.unsqueeze(2))  # bias (B, 1, 1, T, S): 0 or -inf
-        probs = torch.softmax(scores, dim=-1).view(B, self.n_kv_heads, G * T, S)
-        y = torch.matmul(probs, v.float())  # (B, Hkv, G*T, hd)
+        qg = qg.reshape(rows, G * T, hd)
+        keys = k.reshape(rows, S, hd)  # a view of the cache when its slots are consecutive
+        values = v.reshape(rows, S, hd)
+        if qg.dtype != torch.float32:  # bf16 models: the softmax and its sums in float32
+            qg, keys, values = qg.float(), keys.float(), values.float()
+        # scale * q k^T + bias in one op
+        scores = torch.baddbmm(bias, qg, keys.transpose(1, 2), alpha=hd**-0.5)  # (rows, G*T, S)
+        y = torch.bmm(torch.softmax(scores, dim=-1), values)  # (rows, G*T, hd)
         y = y.view(B, self.n_kv_heads, G, T, hd).permute(0, 3, 1, 2, 4)  # (B, T, Hkv, G, hd)
-        return y.reshape(B, T, self.q_size).to(q.dtype)
+        return y.reshape(B, T, self.q_size)
 
 
 class FeedForward(nn.Module):
@@ -260,7 +289,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
         gate, up = self.w13(x).split(self.hidden_dim, dim=-1)  # (B, T, F) each
-        return self.w2(F.silu(gate) * up)  # (B, T, D)
+        return self.w2(F.silu(gate) * up)  # (B, T, D); bf16 from a quantized kernel
 
 
 class TransformerBlock(nn.Module):
@@ -279,13 +308,13 @@ class TransformerBlock(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor,
-        input_pos: Tensor,
+        write_rows: Tensor,
         slot_index: Tensor,
         first_slot: int | None,
         kv_len: int,
     ) -> Tensor:
         h = self.attention(
-            self.attention_norm(x), cos, sin, mask, input_pos, slot_index, first_slot, kv_len
+            self.attention_norm(x), cos, sin, mask, write_rows, slot_index, first_slot, kv_len
         )
         h = x + h
         return h + self.feed_forward(self.ffn_norm(h))
@@ -330,6 +359,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight = nn.Parameter(module.weight.float(), requires_grad=False)
+                module.eps_tensor = torch.tensor(module.eps, device=module.weight.device)
                 module.out_dtype = None if compute_dtype == torch.float32 else compute_dtype
 
     def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype) -> None:
@@ -466,6 +496,25 @@ class Transformer(nn.Module):
                 positions = torch.full((batch, 1), position, dtype=torch.long, device=device)
                 self(tokens, positions, slots, kv_len=position + 1)
 
+    def cache_write_rows(self, slot_index: Tensor, input_pos: Tensor) -> Tensor:
+        """Rows of a KV cache viewed as (slots * Hkv * S_max, hd) that receive each new
+        token's heads, ordered (b, t, head) like ``k.reshape(-1, hd)``: (B*T*Hkv,).
+        Row = (slot * Hkv + head) * S_max + position; computed once per step."""
+        S_max = self.max_seq_len
+        base = slot_index * (self.args.n_kv_heads * S_max) + input_pos  # (B, T)
+        heads = torch.arange(self.args.n_kv_heads, device=base.device) * S_max  # (Hkv,)
+        return (base[:, :, None] + heads).reshape(-1)
+
+    def small_t_bias(self, mask: Tensor) -> Tensor:
+        """The decode attention's additive bias: bool ``mask`` (B, 1, T, S) -> 0 / -inf,
+        (B * Hkv, G * T, S) float32, laid out like ``Attention._small_t_attention``'s
+        grouped scores. Built once per step and shared by every layer."""
+        B, _, T, S = mask.shape
+        Hkv = self.args.n_kv_heads
+        G = self.args.n_heads // Hkv
+        bias = torch.where(mask, 0.0, float("-inf"))  # (B, 1, T, S) float32
+        return bias.unsqueeze(2).expand(B, Hkv, G, T, S).reshape(B * Hkv, G * T, S)
+
     def _run(
         self,
         tokens: Tensor,  # (B, T)
@@ -481,17 +530,16 @@ class Transformer(nn.Module):
         B = tokens.shape[0]
         # The residual stream stays float32 whatever the weights' dtype: summing 30
         # layers' outputs in bf16 costs accuracy, and the extra casts are cheap.
-        x = self.tok_embeddings(tokens).float()  # (B, T, D)
-        cos = self.rope_cos[input_pos].to(self.dtype).unsqueeze(2)  # (B, T, 1, hd)
-        sin = self.rope_sin[input_pos].to(self.dtype).unsqueeze(2)
+        x = _as_dtype(self.tok_embeddings(tokens), torch.float32)  # (B, T, D)
+        cos = _as_dtype(self.rope_cos[input_pos], self.dtype).unsqueeze(2)  # (B, T, 1, hd)
+        sin = _as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
         # Causal per-row mask over cache positions: key position <= query position.
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
         if tokens.shape[1] <= SMALL_T_ATTENTION:  # decode path wants an additive float bias
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=x.device).masked_fill_(
-                ~mask, float("-inf")
-            )
+            mask = self.small_t_bias(mask)  # (B * Hkv, G * T, S)
+        write_rows = self.cache_write_rows(slot_index, input_pos)  # (B*T*Hkv,)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, slot_index, first_slot, S)  # (B, T, D)
+            x = layer(x, cos, sin, mask, write_rows, slot_index, first_slot, S)  # (B, T, D)
         if last_only:
             if logits_index is None:
                 x = x[:, -1:]  # (B, 1, D)

@@ -84,6 +84,17 @@ def dense_min_rows(dtype: torch.dtype) -> int:
     return DEQUANT_MIN_ROWS if dtype == torch.bfloat16 else DEQUANT_MIN_ROWS_FLOAT32
 
 
+def _kernel_input(x: Tensor) -> Tensor:
+    """``x`` in the int kernels' dtype (bf16). The dtype check is Python's: a no-op
+    ``.to`` still costs a dispatch (~2 us), and a decode step makes hundreds.
+
+    The quantized linears return x's dtype from their dense path (many rows) and bf16
+    from the kernels (decode): every consumer in the model either feeds the next kernel
+    or adds into the float32 residual stream, which promotes without a cast op.
+    """
+    return x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE)
+
+
 def quantize_int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(N, K) float -> int8 (N, K) and float32 scales (N,) with w ≈ q * scale.
 
@@ -140,16 +151,16 @@ class Int8Linear(nn.Module):
         self.scales: Tensor
         self.bias: Tensor | None
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), x's dtype
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= dense_min_rows(x2.dtype):  # prefill: a dense matmul in x's dtype
             dense = x2.dtype
             y = F.linear(x2, self.weight.to(dense) * self.scales.to(dense)[:, None])  # (M, N)
-        else:
-            y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE), self.weight, self.scales)
+        else:  # bf16 out: the model's next op promotes it, a cast back would be wasted
+            y = torch._weight_int8pack_mm(_kernel_input(x2), self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -199,17 +210,17 @@ class Int4Linear(nn.Module):
         offsets = self.codes_scales[..., 1:2].to(dtype) - 8 * scales  # zero - 8 * scale
         return torch.addcmul(offsets, q, scales).view(N, K)  # (q - 8) * scale + zero
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), x's dtype
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
         if self.use_kernel and x2.shape[0] < dense_min_rows(x2.dtype):
             y = torch._weight_int4pack_mm_for_cpu(
-                x2.to(_KERNEL_DTYPE), self.weight, self.group_size, self.scales_and_zeros
-            )  # (M, N)
+                _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
+            )  # (M, N) bf16, like Int8Linear's kernel path
         else:  # a dense matmul in x's dtype (the kernel is slow for many rows)
             y = F.linear(x2, self.dequantized_weight(x2.dtype))
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (
