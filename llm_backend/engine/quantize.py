@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -79,6 +80,20 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {bf16}"
 
 
+@functools.cache
+def _native_bf16() -> bool:
+    return cpu_has_native_bf16()
+
+
+def _dense_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a dense (dequantized) matmul runs in for activations ``x``: x's own,
+    except bf16 on a CPU without native bf16 (a decode batch's bf16 kernel output fed
+    onward), which goes float32: an emulated bf16 matmul there is ~6x slower."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _native_bf16():
+        return torch.float32
+    return x.dtype
+
+
 def dense_min_rows(dtype: torch.dtype) -> int:
     """Rows from which the quantized linears dequantize and multiply densely in ``dtype``."""
     return DEQUANT_MIN_ROWS if dtype == torch.bfloat16 else DEQUANT_MIN_ROWS_FLOAT32
@@ -88,11 +103,15 @@ def _kernel_input(x: Tensor) -> Tensor:
     """``x`` in the int kernels' dtype (bf16). The dtype check is Python's: a no-op
     ``.to`` still costs a dispatch (~2 us), and a decode step makes hundreds.
 
-    The quantized linears return x's dtype from their dense path (many rows) and bf16
+    The quantized linears return ``_dense_dtype(x)`` from their dense path (many rows) and bf16
     from the kernels (decode): every consumer in the model either feeds the next kernel
     or adds into the float32 residual stream, which promotes without a cast op.
     """
     return x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE)
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def quantize_int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,9 +172,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= dense_min_rows(x2.dtype):  # prefill: a dense matmul in x's dtype
-            dense = x2.dtype
-            y = F.linear(x2, self.weight.to(dense) * self.scales.to(dense)[:, None])  # (M, N)
+        dense = _dense_dtype(x2)
+        if x2.shape[0] >= dense_min_rows(dense):  # prefill: a dense matmul
+            weight = self.weight.to(dense) * self.scales.to(dense)[:, None]
+            y = F.linear(_as_dtype(x2, dense), weight)  # (M, N)
         else:  # bf16 out: the model's next op promotes it, a cast back would be wasted
             y = torch._weight_int8pack_mm(_kernel_input(x2), self.weight, self.scales)
         if self.bias is not None:
@@ -212,12 +232,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.shape[0] < dense_min_rows(x2.dtype):
+        dense = _dense_dtype(x2)
+        if self.use_kernel and x2.shape[0] < dense_min_rows(dense):
             y = torch._weight_int4pack_mm_for_cpu(
                 _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
             )  # (M, N) bf16, like Int8Linear's kernel path
-        else:  # a dense matmul in x's dtype (the kernel is slow for many rows)
-            y = F.linear(x2, self.dequantized_weight(x2.dtype))
+        else:  # a dense matmul (the kernel is slow for many rows)
+            y = F.linear(_as_dtype(x2, dense), self.dequantized_weight(dense))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

@@ -210,3 +210,21 @@ def test_activation_dtype_follows_the_cpu_and_the_request(tiny_gguf: Callable[..
             logits[dtype] = model(ids, torch.arange(8)[None], kv_len=8)[0]
     assert (logits[torch.float32].argmax(-1) == logits[torch.bfloat16].argmax(-1)).all()
     torch.testing.assert_close(logits[torch.float32], logits[torch.bfloat16], atol=0.1, rtol=0.05)
+
+
+def test_bf16_decode_rows_past_the_threshold_multiply_densely_in_a_native_dtype() -> None:
+    """The kernels hand bf16 to the next linear (SwiGLU's w2). A decode batch as large as
+    the dense threshold must not then run an emulated bf16 matmul on a CPU without
+    native bf16 (32 users: 2x slower per step): it multiplies in float32 there."""
+    from llm_backend.engine.quantize import cpu_has_native_bf16
+
+    torch.manual_seed(3)
+    linear = nn.Linear(128, 64, bias=False).requires_grad_(False)
+    native = cpu_has_native_bf16()
+    rows = dense_min_rows(torch.bfloat16 if native else torch.float32)
+    x = torch.randn(rows, 128).bfloat16()
+    for layer in (Int8Linear(linear), Int4Linear(linear, 32)):
+        out = layer(x)
+        assert out.dtype == (torch.bfloat16 if native else torch.float32)
+        expected = layer(x.float())  # the float32 dense path on the same rows
+        torch.testing.assert_close(out.float(), expected.float(), atol=0.05, rtol=0.05)
