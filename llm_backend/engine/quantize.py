@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import platform
@@ -80,18 +79,17 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {bf16}"
 
 
-@functools.cache
-def _native_bf16() -> bool:
-    return cpu_has_native_bf16()
-
-
 def _dense_dtype(x: Tensor) -> torch.dtype:
     """The dtype a dense (dequantized) matmul runs in for activations ``x``: x's own,
     except bf16 on a CPU without native bf16 (a decode batch's bf16 kernel output fed
     onward), which goes float32: an emulated bf16 matmul there is ~6x slower."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _native_bf16():
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _CPU_NATIVE_BF16:
         return torch.float32
     return x.dtype
+
+
+# A constant, not a call in forward: torch.compile would break its graph at every linear.
+_CPU_NATIVE_BF16 = cpu_has_native_bf16()
 
 
 def dense_min_rows(dtype: torch.dtype) -> int:
