@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
-from llm_backend.engine.quantize import dense_min_rows
 
 
 @dataclass
@@ -478,16 +477,16 @@ class Transformer(nn.Module):
         by running steps on slots 0..B-1 at positions 2 and 3 (overwritten by the next
         prefill). Sizes 0 and 1 are specialized by the compiler, so the batch sizes
         should include one > 1 and ``kv_len`` stays >= 2 here: the graphs built are the
-        symbolic ones real requests reuse. By default (1, 2), plus ``max_batch`` when
-        that many rows switch the quantized linears to their dequantized path
-        (``dense_min_rows``), a branch the compiler guards on.
+        symbolic ones real requests reuse. By default (1, 2, ``max_batch``): the graph
+        built at 2 guards ``B < max_batch`` (measured: a full batch of 32 recompiled
+        mid-run, ~20 s), and at ``max_batch`` rows the quantized linears may switch to
+        their dequantized path (``dense_min_rows``), another branch it guards on.
         """
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
         device = self.tok_embeddings.weight.device
         if batch_sizes is None:
-            dense = self.max_batch >= dense_min_rows(self.dtype)
-            batch_sizes = (1, 2) + ((self.max_batch,) if dense else ())
+            batch_sizes = tuple(sorted({1, 2, self.max_batch}))
         for batch in batch_sizes:
             batch = min(batch, self.max_batch)
             tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
