@@ -303,12 +303,7 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, float] | s
     command = [python, __file__, "--worker", name, "--decode-tokens", str(args.decode_tokens)]
     if args.vllm_url:
         command += ["--vllm-url", args.vllm_url]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
-        "RAGLOOM_BENCH_MODEL": str(_model_path()),
-    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -339,6 +334,8 @@ def main() -> None:
     from llm_backend.engine.quantize import cpu_description
 
     print(f"cpu: {cpu_description()}")
+    # resolved once, here: the workers read it (the llama.cpp one has no torch to pull with)
+    os.environ["RAGLOOM_BENCH_MODEL"] = str(_model_path())
     results: dict[str, dict[str, float] | str] = {}
     for name in engines:
         started = time.perf_counter()

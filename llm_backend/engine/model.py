@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
+from llm_backend.engine.quantize import as_dtype
 
 
 @dataclass
@@ -148,8 +149,8 @@ class KVCache(nn.Module):
         """
         hd = k.shape[-1]
         # the quantized linears' kernels may hand over bf16 rows for a float32 cache
-        k_rows = _as_dtype(k, self.k_cache.dtype).reshape(-1, hd)  # (B*T*Hkv, hd)
-        v_rows = _as_dtype(v, self.v_cache.dtype).reshape(-1, hd)
+        k_rows = as_dtype(k, self.k_cache.dtype).reshape(-1, hd)  # (B*T*Hkv, hd)
+        v_rows = as_dtype(v, self.v_cache.dtype).reshape(-1, hd)
         self.k_cache.view(-1, hd).index_copy_(0, write_rows, k_rows)
         self.v_cache.view(-1, hd).index_copy_(0, write_rows, v_rows)
         if first_slot is not None:
@@ -183,11 +184,6 @@ class RMSNorm(nn.Module):
         if self.out_dtype is None or out.dtype == self.out_dtype:
             return out
         return out.to(self.out_dtype)
-
-
-def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x.to(dtype)`` without the dispatch when it is a no-op (decode makes hundreds)."""
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
@@ -242,7 +238,7 @@ class Attention(nn.Module):
         )  # (B, Hkv, S, hd)
         if mask.dtype != torch.bool:  # the float bias built for a few query tokens
             y = self._small_t_attention(q, k_all, v_all, mask)  # (B, T, H * hd), float32
-            y = _as_dtype(y, q.dtype)
+            y = as_dtype(y, q.dtype)
         else:
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=True
@@ -529,9 +525,9 @@ class Transformer(nn.Module):
         B = tokens.shape[0]
         # The residual stream stays float32 whatever the weights' dtype: summing 30
         # layers' outputs in bf16 costs accuracy, and the extra casts are cheap.
-        x = _as_dtype(self.tok_embeddings(tokens), torch.float32)  # (B, T, D)
-        cos = _as_dtype(self.rope_cos[input_pos], self.dtype).unsqueeze(2)  # (B, T, 1, hd)
-        sin = _as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
+        x = as_dtype(self.tok_embeddings(tokens), torch.float32)  # (B, T, D)
+        cos = as_dtype(self.rope_cos[input_pos], self.dtype).unsqueeze(2)  # (B, T, 1, hd)
+        sin = as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
         # Causal per-row mask over cache positions: key position <= query position.
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
         if tokens.shape[1] <= SMALL_T_ATTENTION:  # decode path wants an additive float bias

@@ -79,6 +79,10 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {bf16}"
 
 
+# A constant, not a call in forward: torch.compile would break its graph at every linear.
+_CPU_NATIVE_BF16 = cpu_has_native_bf16()
+
+
 def _dense_dtype(x: Tensor) -> torch.dtype:
     """The dtype a dense (dequantized) matmul runs in for activations ``x``: x's own,
     except bf16 on a CPU without native bf16 (a decode batch's bf16 kernel output fed
@@ -86,10 +90,6 @@ def _dense_dtype(x: Tensor) -> torch.dtype:
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _CPU_NATIVE_BF16:
         return torch.float32
     return x.dtype
-
-
-# A constant, not a call in forward: torch.compile would break its graph at every linear.
-_CPU_NATIVE_BF16 = cpu_has_native_bf16()
 
 
 def dense_min_rows(dtype: torch.dtype) -> int:
@@ -105,10 +105,11 @@ def _kernel_input(x: Tensor) -> Tensor:
     from the kernels (decode): every consumer in the model either feeds the next kernel
     or adds into the float32 residual stream, which promotes without a cast op.
     """
-    return x if x.dtype == _KERNEL_DTYPE else x.to(_KERNEL_DTYPE)
+    return as_dtype(x, _KERNEL_DTYPE)
 
 
-def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the dispatch when it is a no-op (decode makes hundreds)."""
     return x if x.dtype == dtype else x.to(dtype)
 
 
@@ -173,7 +174,7 @@ class Int8Linear(nn.Module):
         dense = _dense_dtype(x2)
         if x2.shape[0] >= dense_min_rows(dense):  # prefill: a dense matmul
             weight = self.weight.to(dense) * self.scales.to(dense)[:, None]
-            y = F.linear(_as_dtype(x2, dense), weight)  # (M, N)
+            y = F.linear(as_dtype(x2, dense), weight)  # (M, N)
         else:  # bf16 out: the model's next op promotes it, a cast back would be wasted
             y = torch._weight_int8pack_mm(_kernel_input(x2), self.weight, self.scales)
         if self.bias is not None:
@@ -236,7 +237,7 @@ class Int4Linear(nn.Module):
                 _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
             )  # (M, N) bf16, like Int8Linear's kernel path
         else:  # a dense matmul (the kernel is slow for many rows)
-            y = F.linear(_as_dtype(x2, dense), self.dequantized_weight(dense))
+            y = F.linear(as_dtype(x2, dense), self.dequantized_weight(dense))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
