@@ -118,7 +118,7 @@ def generate(
                 f"prompt {row} has {length} tokens + max_tokens {params[row].max_tokens} "
                 f"> cache length {model.max_seq_len}"
             )
-    device = model.tok_embeddings.weight.device
+    device = model.device
     vocab = model.args.vocab_size
     sampling = BatchSamplingTensors.from_params(params, vocab, str(device))
     generators = make_generators(params, str(device))

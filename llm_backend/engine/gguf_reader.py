@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,26 +145,42 @@ class GGUFFile:
         """The stored ggml type of tensor ``name``."""
         return GGMLQuantizationType(self._get(name).tensor_type)
 
+    def release_pages(self) -> None:
+        """Drop the file's pages read so far from this process's RSS (the mapping stays;
+        a later read faults them back in from the page cache). A loader that reads the
+        file front to back calls it between blocks, so the whole file is never counted
+        on top of the weights built from it."""
+        mapping = self._reader.data.base
+        if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape in torch order, without reading its data."""
+        return _torch_shape(self._get(name))
+
     def tensor_numpy(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to a float32 numpy array in row-major (torch) order."""
         tensor = self._get(name)
-        # ggml's ne is fastest-first; torch order is its reverse.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        qtype = GGMLQuantizationType(tensor.tensor_type)
-        if qtype == GGMLQuantizationType.F32:
-            array = np.asarray(tensor.data, dtype=np.float32)
-        elif qtype == GGMLQuantizationType.F16:
-            array = np.asarray(tensor.data, dtype=np.float16).astype(np.float32)
-        else:
-            array = dequantize(tensor.data, qtype).astype(np.float32, copy=False)
-        return array.reshape(shape)
+        return _dequantize(tensor.data, tensor.tensor_type).reshape(_torch_shape(tensor))
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as a float32 torch tensor (a fresh copy, writable)."""
-        array = self.tensor_numpy(name)
-        if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the file
-            array = np.array(array, dtype=np.float32, order="C")
-        return torch.from_numpy(array)
+        return _writable_tensor(self.tensor_numpy(name))
+
+    def tensor_row_chunks(self, name: str, rows_per_chunk: int = 4096) -> Iterator[torch.Tensor]:
+        """2-D tensor ``name`` as float32 chunks of ``rows_per_chunk`` rows, in order.
+
+        A large matrix (the token embedding) is then never whole in float32: its reader
+        quantizes each chunk as it comes.
+        """
+        tensor = self._get(name)
+        shape = _torch_shape(tensor)
+        data = tensor.data  # (rows, bytes per row) for block types, (rows, cols) for floats
+        if len(shape) != 2 or data.shape[0] != shape[0]:
+            raise ModelFileError(self.path, f"tensor {name} is not a matrix: {shape}")
+        for start in range(0, shape[0], rows_per_chunk):
+            part = _dequantize(data[start : start + rows_per_chunk], tensor.tensor_type)
+            yield _writable_tensor(part.reshape(-1, shape[1]))
 
     def _get(self, name: str) -> Any:
         try:
@@ -194,6 +212,28 @@ class GGUFFile:
                     f"truncated: tensor {tensor.name} ends at byte "
                     f"{tensor.data_offset + tensor.n_bytes}, file has {file_size}",
                 )
+
+
+def _torch_shape(tensor: Any) -> tuple[int, ...]:
+    """A reader tensor's shape in torch order (ggml's ne is fastest-first)."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def _dequantize(data: np.ndarray, tensor_type: int) -> np.ndarray:
+    """Raw tensor data (all of it, or a slice of whole rows) as float32."""
+    qtype = GGMLQuantizationType(tensor_type)
+    if qtype == GGMLQuantizationType.F32:
+        return np.asarray(data, dtype=np.float32)
+    if qtype == GGMLQuantizationType.F16:
+        return np.asarray(data, dtype=np.float16).astype(np.float32)
+    return dequantize(data, qtype).astype(np.float32, copy=False)
+
+
+def _writable_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor owning its float32 data (a view of the mapped file is copied)."""
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array, dtype=np.float32, order="C")
+    return torch.from_numpy(array)
 
 
 def _field_value(reader: GGUFReader, key: str) -> Any:

@@ -26,7 +26,13 @@ from torch import nn
 from llm_backend.engine.errors import EngineError, ModelFileError
 from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.model import ModelArgs, Transformer, unpermute_llama_qk
-from llm_backend.engine.quantize import cpu_has_native_bf16, quantize_linears
+from llm_backend.engine.quantize import (
+    Int8Embedding,
+    Int8Linear,
+    cpu_has_native_bf16,
+    quantize_int8_rows,
+    quantize_linears,
+)
 from llm_backend.engine.tokenizer import EngineTokenizer
 
 logger = logging.getLogger(__name__)
@@ -71,15 +77,55 @@ class LoadedModel:
         return self.model.dtype
 
 
-def _global_state(gguf_file: GGUFFile, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Embedding, final norm and (untied) output projection, float32."""
-    state = {
-        "tok_embeddings.weight": gguf_file.tensor("token_embd.weight"),  # (V, D)
-        "norm.weight": gguf_file.tensor("output_norm.weight"),
-    }
+def _load_float_top(
+    gguf_file: GGUFFile, model: Transformer, args: ModelArgs, dtype: torch.dtype
+) -> None:
+    """Embedding, final norm and output projection in ``dtype`` (fp32 / bf16 models); a
+    tied output projection is the embedding's Parameter, as in the file."""
+    embedding = gguf_file.tensor("token_embd.weight")  # (V, D)
+    _assign(gguf_file, model.tok_embeddings, {"weight": embedding}, "tok_embeddings.")
+    if args.tied_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    else:
+        output = {"weight": gguf_file.tensor("output.weight")}  # (V, D)
+        _assign(gguf_file, model.output, output, "output.")
+    norm = gguf_file.tensor("output_norm.weight")
+    _assign(gguf_file, model.norm, {"weight": norm}, "norm.")
+    _cast_floats(model, dtype)
+    if args.tied_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.norm.weight = nn.Parameter(norm)
+    model.keep_norms_float32()
+
+
+def _load_quantized_top(
+    gguf_file: GGUFFile, model: Transformer, args: ModelArgs, dtype: torch.dtype
+) -> None:
+    """Embedding and output projection as int8 rows, streamed from the file a chunk at a
+    time (the float32 vocab matrix is never whole in memory). The output projection
+    stays int8 under int4: it is usually stored finer than the blocks (Q8_0 / Q6_K /
+    F16 beside Q4 blocks), and 4 bits there costs more quality than its bandwidth saves.
+    With tied embeddings one int8 matrix serves both the lookups and the projection."""
+    embedding = _int8_rows(gguf_file, "token_embd.weight", (args.vocab_size, args.dim))
+    output = embedding
     if not args.tied_embeddings:
-        state["output.weight"] = gguf_file.tensor("output.weight")  # (V, D)
-    return state
+        output = _int8_rows(gguf_file, "output.weight", (args.vocab_size, args.dim))
+    model.output = Int8Linear(cast(nn.Linear, model.output), quantized=output)
+    model.tok_embeddings = Int8Embedding(*embedding, compute_dtype=dtype)
+    norm = gguf_file.tensor("output_norm.weight")
+    _assign(gguf_file, model.norm, {"weight": norm}, "norm.")
+    model.keep_norms_float32()
+
+
+def _int8_rows(
+    gguf_file: GGUFFile, name: str, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix ``name`` quantized to int8 per row (``quantize_int8_rows``) from float32
+    chunks of the file; ``ModelFileError`` when its shape is not ``shape``."""
+    found = gguf_file.tensor_shape(name)
+    if found != shape:
+        raise ModelFileError(gguf_file.path, f"{name} has shape {found}, metadata implies {shape}")
+    return quantize_int8_rows(gguf_file.tensor_row_chunks(name), shape)
 
 
 def _layer_state(gguf_file: GGUFFile, args: ModelArgs, i: int) -> dict[str, torch.Tensor]:
@@ -184,33 +230,13 @@ def build_model(
         _cast_floats(block, dtype)
         for norm in ("attention_norm", "ffn_norm"):  # norms stay float32 (not bf16-rounded)
             getattr(block, norm).weight = nn.Parameter(layer_state[f"{norm}.weight"])
-    top = _global_state(gguf_file, args)
-    if tied:  # the output projection reads the embedding matrix
-        embedding_shape = (args.vocab_size, args.dim)
-        if top["tok_embeddings.weight"].shape != embedding_shape:
-            raise ModelFileError(
-                gguf_file.path,
-                f"token_embd.weight has shape {tuple(top['tok_embeddings.weight'].shape)}, "
-                f"metadata implies {embedding_shape}",
-            )
-        model.output.weight = nn.Parameter(top["tok_embeddings.weight"])
+        del layer_state
+        gguf_file.release_pages()
+        _trim_heap()
+    if mode is None:
+        _load_float_top(gguf_file, model, args, dtype)
     else:
-        _assign(gguf_file, model.output, {"weight": top.pop("output.weight")}, "output.")
-    if mode is not None:
-        # Only model.output is left as nn.Linear. It stays int8 under int4: the vocab
-        # projection is usually stored finer than the blocks (Q8_0 / Q6_K / F16 beside
-        # Q4 blocks), and 4 bits there costs more quality than its bandwidth saves.
-        quantize_linears(model, "int8")
-    embedding = {"weight": top["tok_embeddings.weight"]}
-    _assign(gguf_file, model.tok_embeddings, embedding, "tok_embeddings.")
-    _assign(gguf_file, model.norm, {"weight": top["norm.weight"]}, "norm.")
-    if tied and mode is None:  # one Parameter for both, as in the file
-        model.output.weight = model.tok_embeddings.weight
-    _cast_floats(model, dtype)
-    if tied and mode is None:
-        model.output.weight = model.tok_embeddings.weight
-    model.norm.weight = nn.Parameter(top["norm.weight"])
-    model.keep_norms_float32()
+        _load_quantized_top(gguf_file, model, args, dtype)
     # Non-persistent buffers were created on "meta"; setup_caches fills them later.
     model.rope_cos = torch.empty(0)
     model.rope_sin = torch.empty(0)
@@ -230,13 +256,20 @@ def _cast_floats(module: nn.Module, dtype: torch.dtype) -> None:
         module.to(dtype)
 
 
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
-    gc.collect()
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps them otherwise, and a load makes
+    hundreds of MB of short-lived float32 copies between the small tensors it keeps:
+    SmolLM2 int4 reached 746 MiB of RSS for 92 MiB of weights without a trim per block."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage, then ``_trim_heap``."""
+    gc.collect()
+    _trim_heap()
 
 
 def load_model(
@@ -271,6 +304,7 @@ def load_model(
         raise EngineError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
     started = time.perf_counter()
     gguf_file = GGUFFile.open(path)
+    _release_freed_memory()  # the parsed metadata fields (tens of MB for a vocab)
     if quant == "auto":
         quant = auto_quant(gguf_file)
     meta = gguf_file.metadata

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
-from llm_backend.engine.quantize import as_dtype
+from llm_backend.engine.quantize import Int8Embedding, Int8Linear, as_dtype
 
 
 @dataclass
@@ -100,22 +100,33 @@ SMALL_T_ATTENTION = 4  # up to this many new tokens per row, attention skips SDP
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A zero CPU tensor whose pages only become resident when written.
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, mmap.mmap]:
+    """A zero CPU tensor whose pages only become resident when written, and its mapping.
 
     ``torch.zeros`` fills every byte (a 32-slot, 2,048-position cache is gigabytes of
     RSS from the start). An anonymous ``mmap`` gets zero pages from the OS on first
     touch, and ``MADV_NOHUGEPAGE`` keeps that touch to 4 KiB: with 2 MiB pages (numpy
     asks for them on large arrays) a few positions written in every slot made the whole
     cache resident. Unwritten positions must hold finite values (masked scores multiply
-    them by 0), so zeros.
+    them by 0), so zeros. ``release_pages(mapping)`` hands the pages back.
     """
     numel = math.prod(shape)
     nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-    buffer = mmap.mmap(-1, max(nbytes, 1))
+    # Private: MADV_DONTNEED then frees the pages (a shared anonymous mapping would keep
+    # them in shmem and read back the old values).
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, nbytes or 1)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape), mapping
+
+
+def release_pages(mapping: mmap.mmap) -> None:
+    """Give a ``lazy_zeros`` mapping's pages back to the OS: it reads as zeros again and
+    holds no RSS until written (``MADV_DONTNEED`` on private anonymous memory). A no-op
+    where the OS has no such call; stale values are finite, so that is still correct."""
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class KVCache(nn.Module):
@@ -126,10 +137,22 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (max_batch, n_kv_heads, max_seq_len, head_dim)  # (slots, Hkv, S_max, hd)
-        self.register_buffer("k_cache", lazy_zeros(shape, dtype), persistent=False)
-        self.register_buffer("v_cache", lazy_zeros(shape, dtype), persistent=False)
+        k_cache, k_mapping = lazy_zeros(shape, dtype)
+        v_cache, v_mapping = lazy_zeros(shape, dtype)
+        self.register_buffer("k_cache", k_cache, persistent=False)
+        self.register_buffer("v_cache", v_cache, persistent=False)
         self.k_cache: Tensor
         self.v_cache: Tensor
+        self._mappings = (k_mapping, v_mapping)
+        self._mapped_at = (k_cache.data_ptr(), v_cache.data_ptr())
+
+    def release_memory(self) -> None:
+        """Drop every cached key and value and give their memory back to the OS (the
+        cache reads as zeros). Only for a CPU cache still in its own mappings; a cache
+        moved elsewhere (``.to("cuda")``) keeps its contents."""
+        if (self.k_cache.data_ptr(), self.v_cache.data_ptr()) == self._mapped_at:
+            for mapping in self._mappings:
+                release_pages(mapping)
 
     def update(
         self,
@@ -321,10 +344,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # nn.Embedding, or an Int8Embedding in an int8 / int4 model (loader)
+        self.tok_embeddings: nn.Embedding | Int8Embedding = _embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output: nn.Linear | Int8Linear = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch = 0
         self.max_seq_len = 0
         self._compiled_run: Callable[..., Tensor] | None = None  # see compile_decode
@@ -343,9 +367,16 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The matmul activation dtype (the embedding's dtype); the residual stream and
-        the norms are float32."""
+        """The matmul activation dtype (a float embedding's dtype); the residual stream
+        and the norms are float32."""
+        if isinstance(self.tok_embeddings, Int8Embedding):
+            return self.tok_embeddings.compute_dtype
         return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights and caches live."""
+        return self.tok_embeddings.weight.device
 
     def keep_norms_float32(self) -> None:
         """After a cast to bf16: put every RMSNorm back in float32 (its weights are tiny)
@@ -365,7 +396,7 @@ class Transformer(nn.Module):
                 f"max_batch and max_seq_len must be >= 1, got {max_batch}, {max_seq_len}"
             )
         args = self.args
-        device = self.tok_embeddings.weight.device
+        device = self.device
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         for block in self.blocks():
             block.attention.kv_cache = KVCache(
@@ -406,6 +437,15 @@ class Transformer(nn.Module):
                     raise EngineError(_NO_CACHE)
                 cache.k_cache[dst_slot, :, :length] = cache.k_cache[src_slot, :, :length]
                 cache.v_cache[dst_slot, :, :length] = cache.v_cache[src_slot, :, :length]
+
+    def release_cache_memory(self) -> None:
+        """Forget every slot's cached K/V and hand the cache's pages back to the OS. A new
+        ``Scheduler`` calls it: it starts with no cached prefixes, so whatever earlier
+        requests left is dead, and would otherwise stay resident (up to 46 KB a position
+        for SmolLM2 in float32)."""
+        for block in self.blocks():
+            if block.attention.kv_cache is not None:
+                block.attention.kv_cache.release_memory()
 
     def forward(
         self,
@@ -480,7 +520,7 @@ class Transformer(nn.Module):
         """
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
-        device = self.tok_embeddings.weight.device
+        device = self.device
         if batch_sizes is None:
             batch_sizes = tuple(sorted({1, 2, self.max_batch}))
         for batch in batch_sizes:
@@ -541,6 +581,15 @@ class Transformer(nn.Module):
             else:
                 x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, D)
         return self.output(self.norm(x)).float()  # (B, T or 1, V)
+
+
+def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(vocab_size, dim)``; under ``torch.device("meta")`` (the loader's
+    skeleton) without the random init, whose meta decomposition imports torch._dynamo
+    and sympy: 40 MiB of modules resident for the life of the process."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
+    return nn.Embedding(vocab_size, dim)
 
 
 def unpermute_llama_qk(weight: Tensor, n_heads: int) -> Tensor:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -120,13 +121,29 @@ def quantize_int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     float temporaries.
     """
     N = weight.shape[0]
-    q = torch.empty(weight.shape, dtype=torch.int8)
+    chunks = (weight[start : start + _ROW_CHUNK] for start in range(0, N, _ROW_CHUNK))
+    return quantize_int8_rows(chunks, (N, weight.shape[1]))
+
+
+def quantize_int8_rows(chunks: Iterable[Tensor], shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Like ``quantize_int8_per_channel`` for a weight that arrives as consecutive row
+    chunks (a GGUF tensor dequantized a slice at a time): the float matrix is never
+    whole in memory. Raises ``EngineError`` when the chunks do not add up to ``shape``."""
+    N, K = shape
+    q = torch.empty((N, K), dtype=torch.int8)
     scales = torch.empty(N, dtype=torch.float32)
-    for start in range(0, N, _ROW_CHUNK):
-        w = weight[start : start + _ROW_CHUNK].to(torch.float32, copy=True)  # (n, K)
+    start = 0
+    for chunk in chunks:
+        n = chunk.shape[0]
+        if chunk.shape[1:] != (K,) or start + n > N:
+            raise EngineError(f"row chunk of shape {tuple(chunk.shape)} does not fit ({N}, {K})")
+        w = chunk.to(torch.float32, copy=True)  # (n, K)
         chunk_scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (n,)
-        q[start : start + _ROW_CHUNK] = w.div_(chunk_scales[:, None]).round_().clamp_(-128, 127)
-        scales[start : start + _ROW_CHUNK] = chunk_scales
+        q[start : start + n] = w.div_(chunk_scales[:, None]).round_().clamp_(-128, 127)
+        scales[start : start + n] = chunk_scales
+        start += n
+    if start != N:
+        raise EngineError(f"row chunks hold {start} rows, expected {N}")
     return q, scales
 
 
@@ -154,13 +171,29 @@ def quantize_int4_grouped(weight: Tensor, group_size: int) -> tuple[Tensor, Tens
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T (+ b) with W stored int8 per output channel; bf16 activations."""
+    """y = x W^T (+ b) with W stored int8 per output channel; bf16 activations.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    Args:
+        linear: The layer to quantize (its weight may be on ``meta`` when ``quantized``
+            is given).
+        quantized: ``(q, scales)`` already computed for ``linear``'s weight
+            (``quantize_int8_rows``: a weight streamed from the file in row chunks).
+    """
+
+    def __init__(
+        self, linear: nn.Linear, *, quantized: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        q, scales = quantize_int8_per_channel(linear.weight.detach())
+        if quantized is None:
+            quantized = quantize_int8_per_channel(linear.weight.detach())
+        q, scales = quantized
+        if q.shape != (self.out_features, self.in_features) or q.dtype != torch.int8:
+            raise EngineError(
+                f"int8 weight of shape {tuple(q.shape)} ({q.dtype}) does not fit "
+                f"{self.in_features} -> {self.out_features}"
+            )
         self.register_buffer("weight", q)  # (N, K) int8
         self.register_buffer("scales", scales.to(torch.bfloat16))  # (N,)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
@@ -185,8 +218,76 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class Int8Embedding(nn.Module):
+    """A token embedding looked up in an int8 table with one float32 scale per row.
+
+    A quarter of a float32 table's bytes (SmolLM2: 27 MiB instead of 108), and with
+    tied embeddings the table *is* the int8 output projection's weight, so the model
+    holds the vocab matrix once. Rows come out float32 (the residual stream's dtype).
+
+    Args:
+        weight: (V, D) int8.
+        scales: (V,) float32, row v ≈ weight[v] * scales[v].
+        compute_dtype: The model's matmul dtype, reported by ``Transformer.dtype``.
+    """
+
+    def __init__(self, weight: Tensor, scales: Tensor, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2 or scales.shape != weight.shape[:1]:
+            raise EngineError(
+                f"int8 embedding needs (V, D) int8 rows and (V,) scales, got "
+                f"{tuple(weight.shape)} {weight.dtype} and {tuple(scales.shape)}"
+            )
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("row_scales", scales.float())
+        self.weight: Tensor
+        self.row_scales: Tensor
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, D) float32
+        rows = F.embedding(tokens, self.weight).float()  # (B, T, D)
+        return rows.mul_(F.embedding(tokens, self.row_scales[:, None]))  # * (B, T, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def unpack_int4pack(packed: Tensor, N: int, K: int) -> Tensor:
+    """The (N, K) uint8 codes held in ``torch._convert_weight_to_int4pack_for_cpu``'s
+    layout: (N/32, K, 16) bytes, whose low nibble is row nb*32 + d and high nibble row
+    nb*32 + 16 + d (measured on torch 2.13; ``_INT4PACK_UNPACKS`` checks it at import)."""
+    blocks = packed.view(N // _INT4PACK_BLOCK_N, K, _INT4PACK_BLOCK_N // 2)  # (N/32, K, 16)
+    halves = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # (N/32, 2, K, 16)
+    return halves.transpose(2, 3).reshape(N, K)
+
+
+def _int4pack_unpacks() -> bool:
+    """Whether ``unpack_int4pack`` inverts this torch build's CPU int4 packing."""
+    if not _HAS_INT4_CPU_KERNEL:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (2 * _INT4PACK_BLOCK_N, 64), generator=generator)
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), _INT4_INNER_K_TILES)
+        unpacked = unpack_int4pack(packed, *codes.shape)
+    except RuntimeError:  # another layout (its size does not fit the view)
+        return False
+    return torch.equal(unpacked.long(), codes)
+
+
+_INT4PACK_BLOCK_N = 32
+_INT4PACK_UNPACKS = _int4pack_unpacks()
+
+
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W stored as 4-bit codes, group-wise scale and zero."""
+    """y = x W^T (+ b) with W stored as 4-bit codes, group-wise scale and zero.
+
+    One copy of the codes: the int4 kernel's packed layout (decode), which the dense
+    path (prefill; the kernel is slow for many rows: SmolLM2 512-token prefill 472
+    tok/s vs 915 dequantized) unpacks with tensor ops. Only where that layout is not
+    known (no kernel, or a shape or torch build it does not cover) are plain nibbles kept.
+    """
 
     def __init__(self, linear: nn.Linear, group_size: int) -> None:
         super().__init__()
@@ -197,37 +298,52 @@ class Int4Linear(nn.Module):
         if K % group_size != 0:
             raise EngineError(f"in_features {K} is not a multiple of group_size {group_size}")
         q, scales, zeros = quantize_int4_grouped(linear.weight.detach(), group_size)
-        fits_kernel = N % 8 == 0 and K % (16 * _INT4_INNER_K_TILES) == 0
+        fits_kernel = N % 16 == 0 and K % (16 * _INT4_INNER_K_TILES) == 0
         self.use_kernel = _HAS_INT4_CPU_KERNEL and fits_kernel
-        # Two codes per byte, low nibble first: (N, K/2) uint8; (N, G, 2) scale and zero.
-        # The fallback multiplies with it, and so does a prefill: the int4 kernel is
-        # slow for many rows (SmolLM2 512-token prefill 472 tok/s vs 915 dequantized).
-        nibbles = q.to(torch.uint8).reshape(N, K // 2, 2)
-        self.register_buffer("codes", nibbles[..., 0] | (nibbles[..., 1] << 4))
-        self.register_buffer("codes_scales", torch.stack((scales, zeros), -1).bfloat16())
+        # (G, N, 2): per group and output channel, (scale, zero): the kernel's order.
+        scales_and_zeros = torch.stack((scales, zeros), -1).bfloat16().transpose(0, 1)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
+        packed = None
         if self.use_kernel:
             packed = torch._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES)
-            self.register_buffer("weight", packed)  # (N, K/2) uint8, the kernel's layout
-            # (G, N, 2): per group and output channel, (scale, zero): the kernel's order.
-            scales_and_zeros = self.codes_scales.transpose(0, 1).contiguous()
-            self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("weight", packed)  # (N, K/2) uint8, the kernel's layout
+        codes = None
+        if not (self.use_kernel and _INT4PACK_UNPACKS and N % _INT4PACK_BLOCK_N == 0):
+            nibbles = q.to(torch.uint8).reshape(N, K // 2, 2)  # low nibble first
+            codes = nibbles[..., 0] | (nibbles[..., 1] << 4)  # (N, K/2)
+        self.register_buffer("codes", codes)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
-        self.codes: Tensor
-        self.codes_scales: Tensor
         self.weight: Tensor
         self.scales_and_zeros: Tensor
+        self.codes: Tensor | None
         self.bias: Tensor | None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-        """The (N, K) weight in ``dtype`` that the fallback and prefill paths multiply with."""
+        """The (N, K) weight in ``dtype`` that the fallback and prefill paths multiply with:
+        (q - 8) * scale + zero."""
         N, K = self.out_features, self.in_features
-        G = K // self.group_size
-        nibbles = torch.stack((self.codes & 0x0F, self.codes >> 4), dim=-1)  # (N, K/2, 2)
-        q = nibbles.view(N, G, self.group_size).to(dtype)  # (N, G, gs)
-        scales = self.codes_scales[..., 0:1].to(dtype)  # (N, G, 1)
-        offsets = self.codes_scales[..., 1:2].to(dtype) - 8 * scales  # zero - 8 * scale
-        return torch.addcmul(offsets, q, scales).view(N, K)  # (q - 8) * scale + zero
+        G, gs = K // self.group_size, self.group_size
+        # (N, G, 2), contiguous so the result is laid out like q (small: N * G pairs)
+        scales_and_zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).contiguous()
+        scales = scales_and_zeros[..., 0:1]  # (N, G, 1)
+        offsets = scales_and_zeros[..., 1:2] - 8 * scales  # zero - 8 * scale
+        if self.codes is not None:
+            nibbles = torch.stack((self.codes & 0x0F, self.codes >> 4), dim=-1)  # (N, K/2, 2)
+            q = nibbles.view(N, G, gs).to(dtype)  # (N, G, gs)
+            return torch.addcmul(offsets, q, scales).view(N, K)
+        # The kernel's layout, unpacked without a uint8 transpose copy: the nibbles as a
+        # (N/32, 2, 16, K) strided view, and one addcmul writing the weight row-major
+        # (3.4 ms for a 3072 x 576 float32 weight here, vs 9.3 through unpack_int4pack).
+        blocks = self.weight.view(N // _INT4PACK_BLOCK_N, K, _INT4PACK_BLOCK_N // 2)
+        halves = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # (N/32, 2, K, 16)
+        by_row = (N // _INT4PACK_BLOCK_N, 2, _INT4PACK_BLOCK_N // 2)
+        q = halves.transpose(2, 3).view(*by_row, G, gs).to(dtype)  # rows (nb, half, d)
+        out = torch.empty(N, K, dtype=dtype, device=self.weight.device)
+        torch.addcmul(
+            offsets.view(*by_row, G, 1), q, scales.view(*by_row, G, 1), out=out.view(*by_row, G, gs)
+        )
+        return out
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)

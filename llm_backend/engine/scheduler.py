@@ -218,6 +218,8 @@ class Scheduler:
         self._eos_ids = frozenset(int(i) for i in tokenizer.eos_token_ids)
         self.prefix_hit_tokens = 0  # total prompt tokens served from the prefix cache
         self.generated_tokens = 0
+        # No slot holds a known prefix yet: what the cache holds is dead, free its memory.
+        model.release_cache_memory()
 
     # ----------------------------------------------------------------- queue API
     @property

@@ -64,6 +64,16 @@ def test_dequantize_round_trips_within_quantization_error(qtype: Q, tmp_path: Pa
     # Worst-case step of each format on N(0, 1) data: 4-bit ~ range/15, 8-bit ~ range/127.
     tolerance = {Q.F16: 1e-3, Q.BF16: 2e-2, Q.Q8_0: 2e-2, Q.Q4_0: 0.35, Q.Q4_1: 0.25}[qtype]
     assert float((got - torch.from_numpy(weight)).abs().max()) < tolerance
+    # Read in row chunks (how the loader streams the vocab matrix): the same rows.
+    chunks = list(GGUFFile.open(path).tensor_row_chunks("w", rows_per_chunk=3))
+    assert [c.shape[0] for c in chunks] == [3, 3, 2]
+    assert torch.equal(torch.cat(chunks), got)
+
+
+def test_row_chunks_of_a_vector_is_an_error(tmp_path: Path) -> None:
+    path = _write_tensors(tmp_path / "v.gguf", {"v": (np.ones(64, dtype=np.float32), None)})
+    with pytest.raises(ModelFileError, match="tensor v is not a matrix"):
+        next(GGUFFile.open(path).tensor_row_chunks("v"))
 
 
 @pytest.mark.parametrize(

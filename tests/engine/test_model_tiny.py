@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.loader import load_model
-from llm_backend.engine.model import lazy_zeros
+from llm_backend.engine.model import lazy_zeros, release_pages
+from llm_backend.engine.quantize import Int8Embedding, Int8Linear
 from tests.engine.conftest import load_hf_from_gguf
 
 TOKENS = [5, 6, 7, 100, 200, 3, 9, 42, 17, 250]
@@ -54,6 +56,28 @@ def test_tiny_tied_shares_one_weight(tiny_gguf: Callable[..., Path]) -> None:
     loaded = load_model(tiny_gguf(tied=True), quant="fp32", max_batch=1, max_seq_len=16)
     assert loaded.args.tied_embeddings
     assert loaded.model.output.weight is loaded.model.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_models_look_tokens_up_in_int8_rows(
+    tiny_gguf: Callable[..., Path], tied: bool, quant: str
+) -> None:
+    """The float vocab matrix is not kept: lookups read int8 rows (tied: the output
+    projection's own matrix, held once), within int8 rounding of the file's rows."""
+    path = tiny_gguf(tied=tied)
+    model = load_model(path, quant=quant, max_batch=1, max_seq_len=16).model
+    embedding, output = model.tok_embeddings, model.output
+    assert isinstance(embedding, Int8Embedding) and isinstance(output, Int8Linear)
+    assert (embedding.weight is output.weight) == tied
+    assert not any(t.is_floating_point() and t.numel() >= embedding.weight.numel()
+                   for t in model.state_dict().values())  # fmt: skip
+    tokens = torch.tensor([[0, 3, 7, 7]])
+    rows = GGUFFile.open(path).tensor("token_embd.weight")[tokens[0]]  # (4, D)
+    step = rows.abs().amax(dim=1, keepdim=True) / 127  # one int8 step per row
+    looked_up = embedding(tokens)[0]
+    assert looked_up.dtype == torch.float32
+    assert ((looked_up - rows).abs() <= step / 2 + 1e-6).all()
 
 
 def test_rows_at_different_positions_in_one_step(tiny_gguf: Callable[..., Path]) -> None:
@@ -166,10 +190,29 @@ def _resident_mib() -> float:
 
 def test_kv_cache_pages_become_resident_only_where_written() -> None:
     # 32 slots x 3 heads x 2,048 positions x 64 dims float32 = 48 MiB per buffer.
-    cache = lazy_zeros((32, 3, 2048, 64), torch.float32)
+    cache, mapping = lazy_zeros((32, 3, 2048, 64), torch.float32)
     assert float(cache.abs().sum()) == 0.0  # zero everywhere, read without a fill
     before = _resident_mib()
     cache[:, :, :16] = 1.0  # 16 positions in every slot: 4 KiB pages, not 2 MiB ones
     grown = _resident_mib() - before
     assert grown < 8, f"writing 0.4 MiB made {grown:.1f} MiB resident"
     assert float(cache.sum()) == 32 * 3 * 16 * 64
+    cache[:4] = 2.0  # 6 MiB resident
+    written = _resident_mib()
+    release_pages(mapping)
+    assert written - _resident_mib() > 5  # handed back ...
+    assert float(cache.abs().sum()) == 0.0  # ... and zero again
+
+
+def test_release_cache_memory_forgets_cached_keys(tiny_gguf: Callable[..., Path]) -> None:
+    loaded = load_model(tiny_gguf(), quant="fp32", max_batch=2, max_seq_len=16)
+    model = loaded.model
+    ids = torch.arange(1, 9)[None]
+    with torch.inference_mode():
+        first = model(ids, torch.arange(8)[None], torch.tensor([1]), kv_len=8)
+        cache = model.layers[0].attention.kv_cache
+        assert cache is not None and float(cache.k_cache[1].abs().sum()) > 0
+        model.release_cache_memory()
+        assert float(cache.k_cache.abs().sum()) == 0 and float(cache.v_cache.abs().sum()) == 0
+        again = model(ids, torch.arange(8)[None], torch.tensor([1]), kv_len=8)  # still usable
+    torch.testing.assert_close(again, first)

@@ -69,6 +69,28 @@ def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
     torch.testing.assert_close(slow(x).float(), expected, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("out_features", [96, 48, 40])  # 48: a half pack block; 40: no kernel
+def test_int4_holds_one_copy_of_its_codes(out_features: int) -> None:
+    """With the kernel, the dense (prefill) path unpacks the kernel's own layout instead
+    of keeping a second copy of the codes; the weight it multiplies with is exact."""
+    import llm_backend.engine.quantize as quantize_module
+
+    torch.manual_seed(2)
+    linear = nn.Linear(96, out_features, bias=False).requires_grad_(False)
+    layer = Int4Linear(linear, 32)
+    q, scales, zeros = quantize_int4_grouped(linear.weight, 32)
+    scales, zeros = scales.bfloat16().float(), zeros.bfloat16().float()  # as stored
+    groups = q.reshape(out_features, -1, 32).float()
+    expected = ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, 96)
+    packed_only = layer.use_kernel and quantize_module._INT4PACK_UNPACKS and out_features % 32 == 0
+    assert (layer.codes is None) == packed_only
+    if layer.use_kernel:
+        assert quantize_module._INT4PACK_UNPACKS  # this torch build's layout is the known one
+    torch.testing.assert_close(layer.dequantized_weight(torch.float32), expected)
+    many = torch.randn(quantize_module.DEQUANT_MIN_ROWS_FLOAT32 + 1, 96)
+    torch.testing.assert_close(layer(many), many @ expected.T, atol=1e-4, rtol=1e-4)
+
+
 def test_quantize_model_swaps_linears_and_keeps_embeddings() -> None:
     model = nn.Sequential(nn.Embedding(10, 32), nn.Linear(32, 32), nn.Sequential(nn.Linear(32, 8)))
     quantize_model(model, "int8")

@@ -66,6 +66,9 @@ class FakeModel:
         self.copies.append((src_slot, dst_slot, length))
         self.cache[dst_slot, :length] = self.cache[src_slot, :length]
 
+    def release_cache_memory(self) -> None:  # as the real one: the cache reads zeros
+        self.cache.zero_()
+
 
 class _Decoder:
     def __init__(self) -> None:
