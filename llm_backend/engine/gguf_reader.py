@@ -1,8 +1,9 @@
 """Read a GGUF file: model metadata, tokenizer metadata, and dequantized tensors.
 
-A thin layer over ``gguf.GGUFReader`` (memory-mapped) that turns every failure
-into a ``ModelFileError`` naming the file and the problem, and dequantizes the
-tensor types the engine supports to float32 with ``gguf.quants.dequantize``.
+A layer over a memory-mapped file (the header parsed by ``gguf_header``, which says
+why not ``gguf.GGUFReader``) that turns every failure into a ``ModelFileError``
+naming the file and the problem, and dequantizes the tensor types the engine
+supports to float32 with ``gguf.quants.dequantize``.
 
 Example:
     >>> gguf_file = GGUFFile.open("SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -23,10 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from llm_backend.engine.errors import ModelFileError
+from llm_backend.engine.gguf_header import GGUFHeader, HeaderError, TensorInfo, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +107,14 @@ class GGUFFile:
 
     Use ``GGUFFile.open(path)``; it validates the magic, the architecture and every
     tensor's type and byte range up front, so a bad file fails before any weight is
-    loaded.
+    loaded. The file is memory-mapped; tensors are read only when asked for.
     """
 
-    def __init__(self, path: Path, reader: GGUFReader, metadata: GGUFMetadata) -> None:
+    def __init__(self, path: Path, buffer: mmap.mmap, header: GGUFHeader) -> None:
         self.path = path
-        self._reader = reader
-        self.metadata = metadata
-        self._tensors = {tensor.name: tensor for tensor in reader.tensors}
+        self._buffer = buffer
+        self.metadata = _read_metadata(path, header.fields)
+        self._tensors = {info.name: info for info in header.tensors}
 
     @classmethod
     def open(cls, path: str | Path) -> GGUFFile:
@@ -120,15 +122,12 @@ class GGUFFile:
         path = Path(path).expanduser()
         _check_magic(path)
         try:
-            reader = GGUFReader(path, "r")
-        except (ValueError, IndexError, OSError, KeyError, TypeError, AssertionError) as exc:
-            # GGUFReader raises these on truncated or corrupt headers / tensor data.
+            with path.open("rb") as handle:
+                buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            header = read_header(buffer)
+        except (HeaderError, OSError, ValueError) as exc:
             raise ModelFileError(path, f"corrupt or truncated GGUF ({exc})") from exc
-        metadata = _read_metadata(path, reader)
-        # The parsed key/value fields (one small numpy array per token string) are no
-        # longer needed: free them now so the weights can reuse that heap.
-        reader.fields.clear()
-        gguf_file = cls(path, reader, metadata)
+        gguf_file = cls(path, buffer, header)
         gguf_file._validate_tensors()
         return gguf_file
 
@@ -150,18 +149,17 @@ class GGUFFile:
         a later read faults them back in from the page cache). A loader that reads the
         file front to back calls it between blocks, so the whole file is never counted
         on top of the weights built from it."""
-        mapping = self._reader.data.base
-        if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._buffer.madvise(mmap.MADV_DONTNEED)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """Tensor ``name``'s shape in torch order, without reading its data."""
-        return _torch_shape(self._get(name))
+        return self._get(name).shape
 
     def tensor_numpy(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to a float32 numpy array in row-major (torch) order."""
-        tensor = self._get(name)
-        return _dequantize(tensor.data, tensor.tensor_type).reshape(_torch_shape(tensor))
+        info = self._get(name)
+        return _dequantize(info.data(self._buffer), info.tensor_type).reshape(info.shape)
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as a float32 torch tensor (a fresh copy, writable)."""
@@ -173,16 +171,15 @@ class GGUFFile:
         A large matrix (the token embedding) is then never whole in float32: its reader
         quantizes each chunk as it comes.
         """
-        tensor = self._get(name)
-        shape = _torch_shape(tensor)
-        data = tensor.data  # (rows, bytes per row) for block types, (rows, cols) for floats
-        if len(shape) != 2 or data.shape[0] != shape[0]:
-            raise ModelFileError(self.path, f"tensor {name} is not a matrix: {shape}")
-        for start in range(0, shape[0], rows_per_chunk):
-            part = _dequantize(data[start : start + rows_per_chunk], tensor.tensor_type)
-            yield _writable_tensor(part.reshape(-1, shape[1]))
+        info = self._get(name)
+        if len(info.shape) != 2:
+            raise ModelFileError(self.path, f"tensor {name} is not a matrix: {info.shape}")
+        data = info.data(self._buffer)  # (rows, bytes per row) for block types, else values
+        for start in range(0, info.shape[0], rows_per_chunk):
+            part = _dequantize(data[start : start + rows_per_chunk], info.tensor_type)
+            yield _writable_tensor(part.reshape(-1, info.shape[1]))
 
-    def _get(self, name: str) -> Any:
+    def _get(self, name: str) -> TensorInfo:
         try:
             return self._tensors[name]
         except KeyError:
@@ -191,32 +188,27 @@ class GGUFFile:
     def _validate_tensors(self) -> None:
         if not self._tensors:
             raise ModelFileError(self.path, "holds no tensors")
-        file_size = self.path.stat().st_size
-        for tensor in self._reader.tensors:
+        file_size = len(self._buffer)
+        for info in self._tensors.values():
             try:
-                qtype = GGMLQuantizationType(tensor.tensor_type)
+                qtype = GGMLQuantizationType(info.tensor_type)
             except ValueError:
                 raise ModelFileError(
-                    self.path, f"tensor {tensor.name} has unknown ggml type {tensor.tensor_type}"
+                    self.path, f"tensor {info.name} has unknown ggml type {info.tensor_type}"
                 ) from None
             if qtype not in SUPPORTED_TENSOR_TYPES:
                 supported = ", ".join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))
                 raise ModelFileError(
                     self.path,
-                    f"unsupported tensor type {qtype.name} for {tensor.name} "
+                    f"unsupported tensor type {qtype.name} for {info.name} "
                     f"(supported: {supported})",
                 )
-            if tensor.data_offset + tensor.n_bytes > file_size:
+            if info.offset + info.n_bytes > file_size:
                 raise ModelFileError(
                     self.path,
-                    f"truncated: tensor {tensor.name} ends at byte "
-                    f"{tensor.data_offset + tensor.n_bytes}, file has {file_size}",
+                    f"truncated: tensor {info.name} ends at byte "
+                    f"{info.offset + info.n_bytes}, file has {file_size}",
                 )
-
-
-def _torch_shape(tensor: Any) -> tuple[int, ...]:
-    """A reader tensor's shape in torch order (ggml's ne is fastest-first)."""
-    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
 def _dequantize(data: np.ndarray, tensor_type: int) -> np.ndarray:
@@ -236,33 +228,26 @@ def _writable_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _field_value(reader: GGUFReader, key: str) -> Any:
-    """A scalar or string field's value, or None when the key is absent."""
-    reader_field = reader.fields.get(key)
-    if reader_field is None:
-        return None
-    return reader_field.contents()
-
-
-def _string_array(reader: GGUFReader, key: str) -> list[str]:
-    reader_field = reader.fields.get(key)
-    if reader_field is None:
+def _string_array(fields: dict[str, Any], key: str) -> list[str]:
+    value = fields.get(key)
+    if value is None:
         return []
-    # Fast path: each element is one part holding the UTF-8 bytes of a string.
-    return [bytes(reader_field.parts[i]).decode("utf-8") for i in reader_field.data]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{key} should hold strings")
+    return value
 
 
-def _number_array(reader: GGUFReader, key: str) -> list[Any] | None:
-    reader_field = reader.fields.get(key)
-    if reader_field is None:
+def _number_array(fields: dict[str, Any], key: str) -> list[Any] | None:
+    value = fields.get(key)
+    if value is None:
         return None
-    if reader_field.types[-1] == GGUFValueType.STRING:
+    if not isinstance(value, list) or any(isinstance(item, str) for item in value):
         raise ValueError(f"{key} holds strings, expected numbers")
-    return [reader_field.parts[i][0].item() for i in reader_field.data]
+    return value
 
 
-def _read_metadata(path: Path, reader: GGUFReader) -> GGUFMetadata:
-    arch = _field_value(reader, "general.architecture")
+def _read_metadata(path: Path, fields: dict[str, Any]) -> GGUFMetadata:
+    arch = fields.get("general.architecture")
     if arch is None:
         raise ModelFileError(path, "missing general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -272,32 +257,32 @@ def _read_metadata(path: Path, reader: GGUFReader) -> GGUFMetadata:
         )
 
     def required(key: str) -> Any:
-        value = _field_value(reader, f"{arch}.{key}")
+        value = fields.get(f"{arch}.{key}")
         if value is None:
             raise ModelFileError(path, f"missing metadata key {arch}.{key}")
         return value
 
     def optional(key: str) -> Any:
-        return _field_value(reader, f"{arch}.{key}")
+        return fields.get(f"{arch}.{key}")
 
-    tokens = _string_array(reader, "tokenizer.ggml.tokens")
+    tokens = _string_array(fields, "tokenizer.ggml.tokens")
     if not tokens:
         raise ModelFileError(path, "missing tokenizer.ggml.tokens (no vocabulary)")
     tokenizer = TokenizerMetadata(
-        model=_field_value(reader, "tokenizer.ggml.model") or "gpt2",
-        pre=_field_value(reader, "tokenizer.ggml.pre"),
+        model=fields.get("tokenizer.ggml.model") or "gpt2",
+        pre=fields.get("tokenizer.ggml.pre"),
         tokens=tokens,
-        merges=_string_array(reader, "tokenizer.ggml.merges"),
-        scores=_number_array(reader, "tokenizer.ggml.scores"),
-        token_types=_number_array(reader, "tokenizer.ggml.token_type"),
-        bos_token_id=_field_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field_value(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field_value(reader, "tokenizer.ggml.padding_token_id"),
-        unk_token_id=_field_value(reader, "tokenizer.ggml.unknown_token_id"),
-        eot_token_id=_field_value(reader, "tokenizer.ggml.eot_token_id"),
-        add_bos_token=bool(_field_value(reader, "tokenizer.ggml.add_bos_token") or False),
-        add_eos_token=bool(_field_value(reader, "tokenizer.ggml.add_eos_token") or False),
-        chat_template=_field_value(reader, "tokenizer.chat_template"),
+        merges=_string_array(fields, "tokenizer.ggml.merges"),
+        scores=_number_array(fields, "tokenizer.ggml.scores"),
+        token_types=_number_array(fields, "tokenizer.ggml.token_type"),
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
+        unk_token_id=fields.get("tokenizer.ggml.unknown_token_id"),
+        eot_token_id=fields.get("tokenizer.ggml.eot_token_id"),
+        add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token") or False),
+        add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token") or False),
+        chat_template=fields.get("tokenizer.chat_template"),
     )
     head_count = int(required("attention.head_count"))
     head_count_kv = optional("attention.head_count_kv")
@@ -308,7 +293,7 @@ def _read_metadata(path: Path, reader: GGUFReader) -> GGUFMetadata:
     rope_dims = optional("rope.dimension_count")
     return GGUFMetadata(
         architecture=arch,
-        name=_field_value(reader, "general.name") or path.stem,
+        name=fields.get("general.name") or path.stem,
         context_length=int(required("context_length")),
         embedding_length=int(required("embedding_length")),
         block_count=int(required("block_count")),

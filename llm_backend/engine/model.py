@@ -263,6 +263,8 @@ class Attention(nn.Module):
             y = self._small_t_attention(q, k_all, v_all, mask)  # (B, T, H * hd), float32
             y = as_dtype(y, q.dtype)
         else:
+            # a bf16 cache under float32 activations: the chunk's keys in q's dtype
+            k_all, v_all = as_dtype(k_all, q.dtype), as_dtype(v_all, q.dtype)
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k_all, v_all, attn_mask=mask, enable_gqa=True
             )  # (B, H, T, hd)
@@ -287,8 +289,9 @@ class Attention(nn.Module):
         qg = qg.reshape(rows, G * T, hd)
         keys = k.reshape(rows, S, hd)  # a view of the cache when its slots are consecutive
         values = v.reshape(rows, S, hd)
-        if qg.dtype != torch.float32:  # bf16 models: the softmax and its sums in float32
-            qg, keys, values = qg.float(), keys.float(), values.float()
+        # bf16 activations or a bf16 cache: the softmax and its sums in float32
+        qg = as_dtype(qg, torch.float32)
+        keys, values = as_dtype(keys, torch.float32), as_dtype(values, torch.float32)
         # scale * q k^T + bias in one op
         scores = torch.baddbmm(bias, qg, keys.transpose(1, 2), alpha=hd**-0.5)  # (rows, G*T, S)
         y = torch.bmm(torch.softmax(scores, dim=-1), values)  # (rows, G*T, hd)
