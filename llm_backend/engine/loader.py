@@ -84,15 +84,13 @@ def _load_float_top(
     tied output projection is the embedding's Parameter, as in the file."""
     embedding = gguf_file.tensor("token_embd.weight")  # (V, D)
     _assign(gguf_file, model.tok_embeddings, {"weight": embedding}, "tok_embeddings.")
-    if args.tied_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    else:
+    if not args.tied_embeddings:
         output = {"weight": gguf_file.tensor("output.weight")}  # (V, D)
         _assign(gguf_file, model.output, output, "output.")
     norm = gguf_file.tensor("output_norm.weight")
     _assign(gguf_file, model.norm, {"weight": norm}, "norm.")
     _cast_floats(model, dtype)
-    if args.tied_embeddings:
+    if args.tied_embeddings:  # tied after the cast, which would copy each side apart
         model.output.weight = model.tok_embeddings.weight
     model.norm.weight = nn.Parameter(norm)
     model.keep_norms_float32()
@@ -315,7 +313,6 @@ def load_model(
         raise EngineError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
     started = time.perf_counter()
     gguf_file = GGUFFile.open(path)
-    _release_freed_memory()  # the parsed metadata fields (tens of MB for a vocab)
     if quant == "auto":
         quant = auto_quant(gguf_file)
     meta = gguf_file.metadata

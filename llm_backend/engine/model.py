@@ -111,11 +111,11 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, mmap
     them by 0), so zeros. ``release_pages(mapping)`` hands the pages back.
     """
     numel = math.prod(shape)
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    size = max(numel * torch.empty(0, dtype=dtype).element_size(), 1)
     # Private: MADV_DONTNEED then frees the pages (a shared anonymous mapping would keep
     # them in shmem and read back the old values).
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    mapping = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, nbytes or 1)
+    mapping = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         mapping.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape), mapping

@@ -253,13 +253,19 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-def unpack_int4pack(packed: Tensor, N: int, K: int) -> Tensor:
-    """The (N, K) uint8 codes held in ``torch._convert_weight_to_int4pack_for_cpu``'s
-    layout: (N/32, K, 16) bytes, whose low nibble is row nb*32 + d and high nibble row
+def _int4pack_rows(packed: Tensor, N: int, K: int) -> Tensor:
+    """The codes held in ``torch._convert_weight_to_int4pack_for_cpu``'s layout as a
+    (N/32, 2, 16, K) uint8 view in row order, with no transpose copy. That layout is
+    (N/32, K, 16) bytes whose low nibble is row nb*32 + d and high nibble row
     nb*32 + 16 + d (measured on torch 2.13; ``_INT4PACK_UNPACKS`` checks it at import)."""
     blocks = packed.view(N // _INT4PACK_BLOCK_N, K, _INT4PACK_BLOCK_N // 2)  # (N/32, K, 16)
     halves = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # (N/32, 2, K, 16)
-    return halves.transpose(2, 3).reshape(N, K)
+    return halves.transpose(2, 3)  # (N/32, 2, 16, K): rows (nb, half, d)
+
+
+def unpack_int4pack(packed: Tensor, N: int, K: int) -> Tensor:
+    """The (N, K) uint8 codes held in the CPU int4 kernel's packed layout."""
+    return _int4pack_rows(packed, N, K).reshape(N, K)
 
 
 def _int4pack_unpacks() -> bool:
@@ -331,14 +337,11 @@ class Int4Linear(nn.Module):
         if self.codes is not None:
             nibbles = torch.stack((self.codes & 0x0F, self.codes >> 4), dim=-1)  # (N, K/2, 2)
             return torch.addcmul(offsets, nibbles.view(N, G, gs), scales).view(N, K)
-        # The kernel's layout, unpacked without a uint8 transpose copy: the nibbles as a
-        # (N/32, 2, 16, K) strided view, and one addcmul writing the weight row-major
-        # (3.4 ms for a 3072 x 576 float32 weight here, vs 9.3 through unpack_int4pack).
-        blocks = self.weight.view(N // _INT4PACK_BLOCK_N, K, _INT4PACK_BLOCK_N // 2)
-        halves = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # (N/32, 2, K, 16)
+        # The kernel's layout as a strided view in row order, and one addcmul writing the
+        # weight row-major (3.4 ms for a 3072 x 576 float32 weight here, vs 9.3 through
+        # unpack_int4pack's copy). uint8 into addcmul: no float copy of the codes either.
         by_row = (N // _INT4PACK_BLOCK_N, 2, _INT4PACK_BLOCK_N // 2)
-        # uint8 into addcmul: it converts as it goes, no float copy of the codes
-        q = halves.transpose(2, 3).view(*by_row, G, gs)  # rows (nb, half, d)
+        q = _int4pack_rows(self.weight, N, K).view(*by_row, G, gs)
         out = torch.empty(N, K, dtype=dtype, device=self.weight.device)
         torch.addcmul(
             offsets.view(*by_row, G, 1), q, scales.view(*by_row, G, 1), out=out.view(*by_row, G, gs)
