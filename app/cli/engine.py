@@ -25,7 +25,8 @@ def serve(
         str | None,
         typer.Option(
             "--quant",
-            help="Weights: auto (int4 for Q4_1 files, else int8) | int8 | int4 | bf16 | fp32 "
+            help="Weights: auto (int4 for Q4_1 files, else int8) | int8 | int4 | fp16 (CPU: "
+            "fastest for many users, more memory) | bf16 | fp32 "
             "[default: RAGLOOM_ENGINE__QUANT, auto].",
         ),
     ] = None,

@@ -15,6 +15,7 @@ import ctypes
 import gc
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -27,6 +28,7 @@ from llm_backend.engine.errors import EngineError, ModelFileError
 from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.model import ModelArgs, Transformer, unpermute_llama_qk
 from llm_backend.engine.quantize import (
+    Fp16Linear,
     Int8Embedding,
     Int8Linear,
     cpu_has_native_bf16,
@@ -37,8 +39,8 @@ from llm_backend.engine.tokenizer import EngineTokenizer
 
 logger = logging.getLogger(__name__)
 
-QuantMode = Literal["auto", "fp32", "bf16", "int8", "int4"]
-QUANT_MODES: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "int4")
+QuantMode = Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"]
+QUANT_MODES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 # Q4_1 blocks are 32 weights along the input dimension, w = d * q + m with codes 0..15,
 # and llama.cpp's quantizer always uses codes 0 and 15 in each block: our int4 (group
 # 32, min/max affine) recovers d and m, so the file's weights are held again with no
@@ -97,18 +99,33 @@ def _load_float_top(
 
 
 def _load_quantized_top(
-    gguf_file: GGUFFile, model: Transformer, args: ModelArgs, dtype: torch.dtype
+    gguf_file: GGUFFile,
+    model: Transformer,
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    fp16_output: bool = False,
 ) -> None:
     """Embedding and output projection as int8 rows, streamed from the file a chunk at a
     time (the float32 vocab matrix is never whole in memory). The output projection
     stays int8 under int4: it is usually stored finer than the blocks (Q8_0 / Q6_K /
     F16 beside Q4 blocks), and 4 bits there costs more quality than its bandwidth saves.
-    With tied embeddings one int8 matrix serves both the lookups and the projection."""
+    With tied embeddings one int8 matrix serves both the lookups and the projection.
+    ``fp16_output`` (fp16 models): the projection is an ``Fp16Linear`` instead."""
     embedding = _int8_rows(gguf_file, "token_embd.weight", (args.vocab_size, args.dim))
-    output = embedding
-    if not args.tied_embeddings:
-        output = _int8_rows(gguf_file, "output.weight", (args.vocab_size, args.dim))
-    model.output = Int8Linear(cast(nn.Linear, model.output), quantized=output)
+    output_name = "token_embd.weight" if args.tied_embeddings else "output.weight"
+    if fp16_output:
+        # the projection in fp16 too (its batched GEMM is 2.5x int8's at 32 rows);
+        # lookups stay int8 rows (a second vocab matrix in fp16 would be 54 MiB)
+        shape = (args.vocab_size, args.dim)
+        _check_shape(gguf_file, output_name, shape)
+        chunks = _trimming(gguf_file.tensor_row_chunks(output_name))
+        model.output = Fp16Linear.from_row_chunks(chunks, shape)
+    else:
+        output = embedding
+        if not args.tied_embeddings:
+            output = _int8_rows(gguf_file, output_name, (args.vocab_size, args.dim))
+        model.output = Int8Linear(cast(nn.Linear, model.output), quantized=output)
     model.tok_embeddings = Int8Embedding(*embedding, compute_dtype=dtype)
     norm = gguf_file.tensor("output_norm.weight")
     _assign(gguf_file, model.norm, {"weight": norm}, "norm.")
@@ -120,10 +137,15 @@ def _int8_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Matrix ``name`` quantized to int8 per row (``quantize_int8_rows``) from float32
     chunks of the file; ``ModelFileError`` when its shape is not ``shape``."""
+    _check_shape(gguf_file, name, shape)
+    return quantize_int8_rows(gguf_file.tensor_row_chunks(name), shape)
+
+
+def _check_shape(gguf_file: GGUFFile, name: str, shape: tuple[int, int]) -> None:
+    """``ModelFileError`` unless tensor ``name`` has shape ``shape``."""
     found = gguf_file.tensor_shape(name)
     if found != shape:
         raise ModelFileError(gguf_file.path, f"{name} has shape {found}, metadata implies {shape}")
-    return quantize_int8_rows(gguf_file.tensor_row_chunks(name), shape)
 
 
 def _layer_state(gguf_file: GGUFFile, args: ModelArgs, i: int) -> dict[str, torch.Tensor]:
@@ -186,7 +208,7 @@ def activation_dtype(quant: str, device: str = "cpu") -> torch.dtype:
     else float32: on an AVX2-only CPU a bf16 prefill matmul runs 6x slower than
     float32, while the int kernels still take bf16 (``quantize`` casts for them).
     """
-    if quant == "fp32":
+    if quant in ("fp32", "fp16"):  # fp16: weights only, fbgemm multiplies in float32
         return torch.float32
     if quant == "bf16" or not device.startswith("cpu") or cpu_has_native_bf16():
         return torch.bfloat16
@@ -215,7 +237,7 @@ def build_model(
 
     Args:
         gguf_file: The open file.
-        quant: ``fp32`` | ``bf16`` | ``int8`` | ``int4``.
+        quant: ``fp32`` | ``bf16`` | ``fp16`` | ``int8`` | ``int4``.
         dtype: Activation dtype (embedding, norms' output, KV cache); None picks
             ``activation_dtype(quant)`` for this CPU.
     """
@@ -228,7 +250,8 @@ def build_model(
         raise ModelFileError(gguf_file.path, str(exc)) from exc
     if dtype is None:
         dtype = activation_dtype(quant)
-    mode = cast(Literal["int8", "int4"], quant) if quant in ("int8", "int4") else None
+    quantized = ("int8", "int4", "fp16")
+    mode = cast(Literal["int8", "int4", "fp16"], quant) if quant in quantized else None
     with torch.device("meta"):
         model = Transformer(args)
     for i, block in enumerate(model.blocks()):
@@ -245,7 +268,7 @@ def build_model(
     if mode is None:
         _load_float_top(gguf_file, model, args, dtype)
     else:
-        _load_quantized_top(gguf_file, model, args, dtype)
+        _load_quantized_top(gguf_file, model, args, dtype, fp16_output=mode == "fp16")
     # Non-persistent buffers were created on "meta"; setup_caches fills them later.
     model.rope_cos = torch.empty(0)
     model.rope_sin = torch.empty(0)
@@ -275,6 +298,15 @@ def _trim_heap() -> None:
         pass
 
 
+def _trimming(chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``chunks``, trimming the heap before each next one (the float32 chunk just used
+    and its packing scratch would otherwise stay resident)."""
+    for chunk in chunks:
+        yield chunk
+        del chunk
+        _trim_heap()
+
+
 def _release_freed_memory() -> None:
     """Collect garbage, then ``_trim_heap``."""
     gc.collect()
@@ -294,7 +326,9 @@ def load_model(
 
     Args:
         path: A local ``.gguf`` file.
-        quant: ``fp32`` | ``bf16`` | ``int8`` (weight-only per channel) | ``int4``
+        quant: ``fp32`` | ``bf16`` | ``fp16`` (weight-only half precision through
+            fbgemm, float32 activations: CPU only, the fastest for decode batches on a
+            CPU without native bf16) | ``int8`` (weight-only per channel) | ``int4``
             (weight-only group-wise) | ``auto`` (``int4``
             for a file whose blocks are Q4_1, else ``int8``; see ``auto_quant``).
             ``LoadedModel.quant`` names the one used.
@@ -311,6 +345,10 @@ def load_model(
     """
     if quant not in QUANT_MODES:
         raise EngineError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if quant == "fp16" and not device.startswith("cpu"):
+        raise EngineError("quant fp16 is the CPU's fbgemm path; on a GPU use bf16")
+    if quant == "fp16" and compile_decode:
+        raise EngineError("compile_decode does not support quant fp16 (fbgemm's packed weights)")
     started = time.perf_counter()
     gguf_file = GGUFFile.open(path)
     if quant == "auto":

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
-from llm_backend.engine.quantize import Int8Embedding, Int8Linear, as_dtype
+from llm_backend.engine.quantize import Fp16Linear, Int8Embedding, Int8Linear, as_dtype
 
 
 @dataclass
@@ -351,7 +351,9 @@ class Transformer(nn.Module):
         self.tok_embeddings: nn.Embedding | Int8Embedding = _embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output: nn.Linear | Int8Linear = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output: nn.Linear | Int8Linear | Fp16Linear = nn.Linear(
+            args.dim, args.vocab_size, bias=False
+        )
         self.max_batch = 0
         self.max_seq_len = 0
         self._compiled_run: Callable[..., Tensor] | None = None  # see compile_decode

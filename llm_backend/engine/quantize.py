@@ -368,12 +368,105 @@ class Int4Linear(nn.Module):
         )
 
 
-def quantize_linears(module: nn.Module, mode: Literal["int8", "int4"], group_size: int = 32) -> int:
+def fbgemm_fp16_available() -> bool:
+    """Whether this PyTorch build has fbgemm's fp16 GEMM (x86 CPUs)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_prepack_fp16"
+    )
+
+
+class Fp16Linear(nn.Module):
+    """y = x W^T (+ b) with W held in half precision, packed for fbgemm's fp16 GEMM.
+
+    Weight-only: activations stay float32 and fbgemm widens the weight tile by tile
+    (F16C), so the result is a float32 matmul against fp16-rounded weights. On an AVX2
+    CPU with no native bf16 it is the fastest kernel PyTorch has for a decode batch,
+    measured here against the int kernels (3,072 x 576 weight: 8 rows 295 us vs int8
+    597 / int4 ~600; 32 rows 951 vs 2,267), and a 512-row prefill runs as fast as a
+    float32 matmul (13.6 ms vs 16.5) with no dequantizing. It holds twice int8's bytes.
+
+    A matrix may be packed in several row blocks (``from_row_chunks``: a vocab
+    projection streamed from the file never exists whole in float32); their outputs
+    are concatenated.
+
+    Args:
+        linear: The layer to convert (float weight, optional bias).
+
+    Example:
+        >>> layer = Fp16Linear(nn.Linear(576, 1536, bias=False))
+        >>> layer(torch.randn(4, 576)).shape
+        torch.Size([4, 1536])
+    """
+
+    def __init__(self, linear: nn.Linear | None = None) -> None:
+        super().__init__()
+        if not fbgemm_fp16_available():
+            raise EngineError("quant fp16 needs PyTorch's fbgemm (an x86 CPU build)")
+        self.in_features = 0 if linear is None else linear.in_features
+        self.out_features = 0 if linear is None else linear.out_features
+        self._packed: list[object] = []  # fbgemm's packed fp16 blocks of output rows
+        if linear is not None:
+            self._packed.append(_pack_fp16(linear.weight.detach()))
+        bias = None if linear is None or linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias)
+        self.bias: Tensor | None
+
+    @classmethod
+    def from_row_chunks(
+        cls, chunks: Iterable[Tensor], shape: tuple[int, int], block_rows: int = 4096
+    ) -> Fp16Linear:
+        """A bias-free layer of weight ``shape`` (N, K) from float row chunks (in order),
+        packed ``block_rows`` rows at a time so at most one block is float32 at once."""
+        layer = cls()
+        layer.out_features, layer.in_features = shape
+        pending: list[Tensor] = []
+        rows = 0
+        for chunk in chunks:
+            pending.append(chunk)
+            rows += chunk.shape[0]
+            if sum(part.shape[0] for part in pending) >= block_rows:
+                layer._packed.append(_pack_fp16(torch.cat(pending)))
+                pending = []
+        if pending:
+            layer._packed.append(_pack_fp16(torch.cat(pending)))
+        if rows != shape[0]:
+            raise EngineError(f"row chunks hold {rows} rows, expected {shape[0]}")
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N) float32
+        x2 = as_dtype(x.reshape(-1, self.in_features), torch.float32)
+        matmul = torch.ops.quantized.linear_dynamic_fp16
+        if len(self._packed) == 1:
+            y = matmul(x2, self._packed[0])  # (M, N)
+        else:
+            y = torch.cat([matmul(x2, packed) for packed in self._packed], dim=-1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
+
+
+def _pack_fp16(weight: Tensor) -> object:
+    """fbgemm's packed fp16 form of a float (N, K) weight."""
+    return torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
+
+
+def quantize_linears(
+    module: nn.Module, mode: Literal["int8", "int4", "fp16"], group_size: int = 32
+) -> int:
     """Replace every ``nn.Linear`` under ``module`` (recursively); return how many."""
     swapped = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            new: nn.Module = Int8Linear(child) if mode == "int8" else Int4Linear(child, group_size)
+            new: nn.Module
+            if mode == "int8":
+                new = Int8Linear(child)
+            elif mode == "int4":
+                new = Int4Linear(child, group_size)
+            else:
+                new = Fp16Linear(child)
             setattr(module, name, new)
             swapped += 1
         else:

@@ -8,13 +8,14 @@ max absolute difference is below 1e-3 (about 3e-5 of the logit range).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from llm_backend.engine.generate import generate
-from llm_backend.engine.loader import LoadedModel
+from llm_backend.engine.loader import LoadedModel, load_model
 from llm_backend.engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,9 +83,13 @@ def test_fp32_greedy_tokens_match_transformers(smollm2_fp32: LoadedModel, smollm
         assert ours == reference, f"greedy output differs for {question!r}"
 
 
+@pytest.mark.parametrize("quant", ["fp32", "fp16"])  # fbgemm's fp16 GEMM: GEMV for 1 row
 def test_request_output_is_the_same_alone_and_in_a_batch_of_8(
-    smollm2_fp32: LoadedModel,
+    quant: str, smollm2_fp32: LoadedModel, smollm2_gguf_path: Path
 ) -> None:
+    loaded = smollm2_fp32
+    if quant != "fp32":
+        loaded = load_model(smollm2_gguf_path, quant=quant, max_batch=8, max_seq_len=1024)
     questions = [
         *PROMPTS,
         "Hi",
@@ -92,10 +97,10 @@ def test_request_output_is_the_same_alone_and_in_a_batch_of_8(
         "What is 2 + 2?",
         "Name a famous painter.",
     ]
-    prompts = [_chat_ids(smollm2_fp32, q) for q in questions]
+    prompts = [_chat_ids(loaded, q) for q in questions]
     assert len({len(p) for p in prompts}) > 4  # really different lengths
     params = [SamplingParams(temperature=0.0, max_tokens=24 + 3 * i) for i in range(8)]
-    model, tokenizer = smollm2_fp32.model, smollm2_fp32.tokenizer
+    model, tokenizer = loaded.model, loaded.tokenizer
     batched = generate(model, tokenizer, prompts, params)
     for row in (0, 5):
         [alone] = generate(model, tokenizer, [prompts[row]], [params[row]])
