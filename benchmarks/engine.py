@@ -15,7 +15,8 @@ The machine is shared: the load average is printed; treat figures under load as 
 
 Usage:
     .venv/bin/python benchmarks/engine.py
-        [--engines ours-int8,ours-int4,ours-fp16,ours-int4-compiled,hf,llamacpp]
+        [--engines ours-int8,ours-int4,ours-fp16,ours-int4-compiled,ours-fp16-compiled,hf,
+                   llamacpp]
         [--decode-tokens 64] [--vllm-url URL]
 """
 
@@ -318,7 +319,8 @@ def _format(value: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--engines", default="ours-int8,ours-int4,ours-fp16,ours-int4-compiled,hf,llamacpp"
+        "--engines",
+        default="ours-int8,ours-int4,ours-fp16,ours-int4-compiled,ours-fp16-compiled,hf,llamacpp",
     )
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--vllm-url", default=None)

@@ -347,8 +347,6 @@ def load_model(
         raise EngineError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
     if quant == "fp16" and not device.startswith("cpu"):
         raise EngineError("quant fp16 is the CPU's fbgemm path; on a GPU use bf16")
-    if quant == "fp16" and compile_decode:
-        raise EngineError("compile_decode does not support quant fp16 (fbgemm's packed weights)")
     started = time.perf_counter()
     gguf_file = GGUFFile.open(path)
     if quant == "auto":

@@ -24,9 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import platform
+import weakref
 from collections.abc import Iterable
 from typing import Literal
 
@@ -404,12 +406,20 @@ class Fp16Linear(nn.Module):
             raise EngineError("quant fp16 needs PyTorch's fbgemm (an x86 CPU build)")
         self.in_features = 0 if linear is None else linear.in_features
         self.out_features = 0 if linear is None else linear.out_features
-        self._packed: list[object] = []  # fbgemm's packed fp16 blocks of output rows
+        self._blocks: list[int] = []  # handles of fbgemm's packed blocks of output rows
         if linear is not None:
-            self._packed.append(_pack_fp16(linear.weight.detach()))
+            self.add_block(linear.weight.detach())
         bias = None if linear is None or linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
         self.bias: Tensor | None
+
+    def add_block(self, rows: Tensor) -> None:
+        """Pack the weight's next block of output rows, (n, K) float."""
+        packed = torch.ops.quantized.linear_prepack_fp16(rows.float().contiguous(), None)
+        handle = next(_FP16_HANDLES)
+        _FP16_BLOCKS[handle] = (packed, rows.shape[0])
+        weakref.finalize(self, _FP16_BLOCKS.pop, handle, None)  # freed with the layer
+        self._blocks.append(handle)
 
     @classmethod
     def from_row_chunks(
@@ -425,21 +435,23 @@ class Fp16Linear(nn.Module):
             pending.append(chunk)
             rows += chunk.shape[0]
             if sum(part.shape[0] for part in pending) >= block_rows:
-                layer._packed.append(_pack_fp16(torch.cat(pending)))
+                layer.add_block(torch.cat(pending))
                 pending = []
         if pending:
-            layer._packed.append(_pack_fp16(torch.cat(pending)))
+            layer.add_block(torch.cat(pending))
         if rows != shape[0]:
             raise EngineError(f"row chunks hold {rows} rows, expected {shape[0]}")
         return layer
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N) float32
         x2 = as_dtype(x.reshape(-1, self.in_features), torch.float32)
-        matmul = torch.ops.quantized.linear_dynamic_fp16
-        if len(self._packed) == 1:
-            y = matmul(x2, self._packed[0])  # (M, N)
+        # Compiled, the packed weights are reached through a custom op that takes their
+        # handle (dynamo cannot trace a TorchScript object); eager calls fbgemm directly.
+        matmul = _fp16_block_op if torch.compiler.is_compiling() else _fp16_block
+        if len(self._blocks) == 1:
+            y = matmul(x2, self._blocks[0])  # (M, N)
         else:
-            y = torch.cat([matmul(x2, packed) for packed in self._packed], dim=-1)
+            y = torch.cat([matmul(x2, handle) for handle in self._blocks], dim=-1)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -448,9 +460,25 @@ class Fp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16"
 
 
-def _pack_fp16(weight: Tensor) -> object:
-    """fbgemm's packed fp16 form of a float (N, K) weight."""
-    return torch.ops.quantized.linear_prepack_fp16(weight.float().contiguous(), None)
+# handle -> (fbgemm's packed fp16 block, its rows); an Fp16Linear drops its own on free
+_FP16_BLOCKS: dict[int, tuple[object, int]] = {}
+_FP16_HANDLES = itertools.count()
+
+
+def _fp16_block(x: Tensor, handle: int) -> Tensor:
+    """x (M, K) float32 times packed block ``handle``: (M, n) float32."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, _FP16_BLOCKS[handle][0])
+
+
+@torch.library.custom_op("ragloom::fp16_block_matmul", mutates_args=())
+def _fp16_block_op(x: Tensor, handle: int) -> Tensor:
+    """``_fp16_block`` as an operator torch.compile can put in a graph."""
+    return _fp16_block(x, handle)
+
+
+@_fp16_block_op.register_fake
+def _(x: Tensor, handle: int) -> Tensor:
+    return x.new_empty(x.shape[0], _FP16_BLOCKS[handle][1])
 
 
 def quantize_linears(

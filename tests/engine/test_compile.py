@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from llm_backend.engine.loader import load_model
 from llm_backend.engine.model import SMALL_T_ATTENTION
@@ -14,13 +15,15 @@ from llm_backend.engine.model import SMALL_T_ATTENTION
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.parametrize("quant", ["fp32", "fp16"])  # fp16: fbgemm through a custom op
 @torch.inference_mode()
 def test_compiled_decode_matches_eager_for_batched_rows_at_different_positions(
-    tiny_gguf: Callable[..., Path],
+    quant: str, tiny_gguf: Callable[..., Path]
 ) -> None:
     path = tiny_gguf()
-    eager = load_model(path, quant="fp32", max_batch=4, max_seq_len=64).model
-    compiled = load_model(path, quant="fp32", max_batch=4, max_seq_len=64, compile_decode=True)
+    eager = load_model(path, quant=quant, max_batch=4, max_seq_len=64).model
+    breaks = sum(counters["graph_break"].values())
+    compiled = load_model(path, quant=quant, max_batch=4, max_seq_len=64, compile_decode=True)
     model = compiled.model
     assert model._compiled_run is not None  # warm_up_decode ran through it
     torch.manual_seed(0)
@@ -32,8 +35,6 @@ def test_compiled_decode_matches_eager_for_batched_rows_at_different_positions(
             net(prompt, positions, torch.tensor([slot]), kv_len=prompt.shape[1])  # eager prefill
     positions = torch.tensor([[5], [9], [3]])
     tokens = torch.tensor([[7], [8], [9]])
-    from torch._dynamo.utils import counters
-
     for step in range(4):  # kv_len changes every step: symbolic, no recompile
         if step == 1:
             graphs = counters["stats"]["unique_graphs"]
@@ -44,6 +45,7 @@ def test_compiled_decode_matches_eager_for_batched_rows_at_different_positions(
         tokens = want[:, -1].argmax(-1, keepdim=True)
         positions = positions + 1
     assert counters["stats"]["unique_graphs"] == graphs  # kv_len 11, 12, 13 reused one graph
+    assert sum(counters["graph_break"].values()) == breaks  # whole steps, no breaks
     # Single row without slots (generate's path) agrees too.
     single = (torch.tensor([[11]]), torch.tensor([[9]]))
     torch.testing.assert_close(

@@ -113,9 +113,10 @@ def test_fp16_linear_packed_from_row_chunks_equals_one_pack() -> None:
     weight = torch.randn(100, 64)
     chunks = list(weight.split(30))  # 30 + 30 + 30 + 10 rows
     blocked = Fp16Linear.from_row_chunks(chunks, (100, 64), block_rows=45)
-    assert len(blocked._packed) == 2  # 60 rows, then the last 40
-    whole = Fp16Linear(nn.Linear(64, 100, bias=False).requires_grad_(False))
-    whole._packed = [torch.ops.quantized.linear_prepack_fp16(weight, None)]
+    assert len(blocked._blocks) == 2  # 60 rows, then the last 40
+    whole = Fp16Linear()
+    whole.in_features, whole.out_features = 64, 100
+    whole.add_block(weight)
     x = torch.randn(5, 64)
     torch.testing.assert_close(blocked(x), whole(x), atol=0, rtol=0)
     with pytest.raises(EngineError, match="hold 90 rows, expected 100"):
@@ -125,8 +126,6 @@ def test_fp16_linear_packed_from_row_chunks_equals_one_pack() -> None:
 def test_fp16_is_refused_where_fbgemm_cannot_run_it(tiny_gguf: Callable[..., Path]) -> None:
     with pytest.raises(EngineError, match="on a GPU use bf16"):
         load_model(tiny_gguf(), quant="fp16", device="cuda", max_batch=1, max_seq_len=16)
-    with pytest.raises(EngineError, match="compile_decode does not support quant fp16"):
-        load_model(tiny_gguf(), quant="fp16", compile_decode=True, max_batch=1, max_seq_len=16)
 
 
 def test_quantize_model_swaps_linears_and_keeps_embeddings() -> None:
@@ -227,7 +226,7 @@ def test_fp16_model_is_fp16_matmuls_over_int8_lookups(smollm2_gguf_path: Path) -
     model = loaded.model
     assert loaded.dtype == torch.float32  # weight-only: fbgemm multiplies in float32
     assert isinstance(model.layers[0].feed_forward.w13, Fp16Linear)
-    assert isinstance(model.output, Fp16Linear) and len(model.output._packed) > 1
+    assert isinstance(model.output, Fp16Linear) and len(model.output._blocks) > 1
     assert isinstance(model.tok_embeddings, Int8Embedding)
 
 
