@@ -69,7 +69,7 @@ class EngineSettings(BaseModel):
     quant: str = Field(
         default="auto",
         description="auto (int4 for Q4_1 files, exact; else int8) | int4 | int8 | fp16 "
-        "(CPU, fbgemm: fastest for many users, ~1.4x int8's memory) | bf16 | fp32",
+        "(CPU, fbgemm: fastest for many users, ~1.5x int8's memory) | bf16 | fp32",
     )
     max_batch: int = 8
     max_seq_len: int = 4096

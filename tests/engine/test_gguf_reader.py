@@ -159,6 +159,6 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
 
 def test_bad_quant_mode(tiny_gguf: Callable[..., Path]) -> None:
     with pytest.raises(
-        EngineError, match="quant must be one of auto, fp32, bf16, int8, int4, got 'int2'"
+        EngineError, match="quant must be one of auto, fp32, bf16, fp16, int8, int4, got 'int2'"
     ):
         load_model(tiny_gguf(), quant="int2")
