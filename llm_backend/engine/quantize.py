@@ -504,7 +504,7 @@ def quantize_linears(
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, mode: Literal["int8", "int4"], group_size: int = 32
+    model: nn.Module, mode: Literal["int8", "int4", "fp16"], group_size: int = 32
 ) -> nn.Module:
     """Swap every ``nn.Linear`` in ``model`` for a weight-only quantized linear, in place.
 
@@ -513,14 +513,15 @@ def quantize_model(
 
     Args:
         model: Usually a bf16 ``Transformer`` (activations must be bf16 for speed).
-        mode: ``"int8"`` (per-channel) or ``"int4"`` (group-wise).
+        mode: ``"int8"`` (per-channel), ``"int4"`` (group-wise) or ``"fp16"``
+            (``Fp16Linear``: float32 activations, CPU only).
         group_size: Input columns per int4 group (32, 64, 128, ...).
 
     Returns:
         The same model, for chaining.
     """
-    if mode not in ("int8", "int4"):
-        raise EngineError(f"quantization mode must be 'int8' or 'int4', got {mode!r}")
+    if mode not in ("int8", "int4", "fp16"):
+        raise EngineError(f"quantization mode must be 'int8', 'int4' or 'fp16', got {mode!r}")
     if group_size <= 0 or group_size % 2 != 0:
         raise EngineError(f"group_size must be a positive even number, got {group_size}")
     swapped = quantize_linears(model, mode, group_size)

@@ -133,7 +133,9 @@ def test_quantize_model_swaps_linears_and_keeps_embeddings() -> None:
     quantize_model(model, "int8")
     assert isinstance(model[0], nn.Embedding)
     assert isinstance(model[1], Int8Linear) and isinstance(model[2][0], Int8Linear)
-    with pytest.raises(EngineError, match="int8' or 'int4', got 'int3'"):
+    half = quantize_model(nn.Sequential(nn.Linear(32, 8)), "fp16")
+    assert isinstance(half[0], Fp16Linear)
+    with pytest.raises(EngineError, match="'int8', 'int4' or 'fp16', got 'int3'"):
         quantize_model(model, "int3")  # type: ignore[arg-type]
 
 
