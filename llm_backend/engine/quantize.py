@@ -29,7 +29,7 @@ import logging
 import os
 import platform
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _INT4_INNER_K_TILES = 2
 _ROW_CHUNK = 4096  # rows quantized at a time
+_DENSE_BLOCK_ROWS = 4096  # output rows a dense matmul dequantizes at a time
 # From this many activation rows on, dequantizing the weight and running a dense matmul
 # beats the int kernels. bf16 (AMX): 2.5x at 512 rows, break-even near 32. float32 on
 # an AVX2 CPU, 3072x576 int4 weight: kernel 6.0 ms vs dense 5.1 at 128 rows, 25 vs 16
@@ -172,6 +173,29 @@ def quantize_int4_grouped(weight: Tensor, group_size: int) -> tuple[Tensor, Tens
     return q, scales, zeros
 
 
+def _blocked_dense_matmul(x: Tensor, N: int, weight_rows: Callable[[slice], Tensor]) -> Tensor:
+    """``x @ W.T`` for a quantized W that ``weight_rows(rows)`` dequantizes a slice of
+    output rows at a time, ``_DENSE_BLOCK_ROWS`` rows per matmul: a large weight (the
+    vocab projection of a 32-row decode batch) is never whole in float, and oneDNN's
+    reordered copy of it neither (SmolLM2 in bf16: 2 x 54 MiB held at once otherwise).
+
+    Args:
+        x: Activations, (M, K).
+        N: Output features.
+        weight_rows: Dequantizes rows ``rows`` of W: (n, K) in ``x``'s dtype.
+
+    Returns:
+        (M, N) in ``x``'s dtype.
+    """
+    if N <= _DENSE_BLOCK_ROWS:
+        return F.linear(x, weight_rows(slice(0, N)))
+    parts = [
+        F.linear(x, weight_rows(slice(start, start + _DENSE_BLOCK_ROWS)))
+        for start in range(0, N, _DENSE_BLOCK_ROWS)
+    ]  # (M, n) each
+    return torch.cat(parts, dim=-1)  # (M, N)
+
+
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W stored int8 per output channel; bf16 activations.
 
@@ -208,8 +232,11 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         dense = _dense_dtype(x2)
         if x2.shape[0] >= dense_min_rows(dense):  # prefill: a dense matmul
-            weight = self.weight * self.scales.to(dense)[:, None]  # int8 promotes in the mul
-            y = F.linear(as_dtype(x2, dense), weight)  # (M, N)
+            x2 = as_dtype(x2, dense)
+            scales = self.scales.to(dense)[:, None]  # (N, 1)
+            y = _blocked_dense_matmul(  # int8 promotes in the mul: no float copy of the codes
+                x2, self.out_features, lambda rows: self.weight[rows] * scales[rows]
+            )  # (M, N)
         else:  # bf16 out: the model's next op promotes it, a cast back would be wasted
             y = torch._weight_int8pack_mm(_kernel_input(x2), self.weight, self.scales)
         if self.bias is not None:
@@ -255,37 +282,46 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-def _int4pack_rows(packed: Tensor, N: int, K: int) -> Tensor:
+def _int4pack_rows(packed: Tensor, N: int, K: int, block_n: int = 0) -> Tensor:
     """The codes held in ``torch._convert_weight_to_int4pack_for_cpu``'s layout as a
-    (N/32, 2, 16, K) uint8 view in row order, with no transpose copy. That layout is
-    (N/32, K, 16) bytes whose low nibble is row nb*32 + d and high nibble row
-    nb*32 + 16 + d (measured on torch 2.13; ``_INT4PACK_UNPACKS`` checks it at import)."""
-    blocks = packed.view(N // _INT4PACK_BLOCK_N, K, _INT4PACK_BLOCK_N // 2)  # (N/32, K, 16)
-    halves = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # (N/32, 2, K, 16)
-    return halves.transpose(2, 3)  # (N/32, 2, 16, K): rows (nb, half, d)
+    (N/BN, 2, BN/2, K) uint8 view in row order, with no transpose copy. That layout is
+    (N/BN, K, BN/2) bytes whose low nibble is row nb*BN + d and high nibble row
+    nb*BN + BN/2 + d, where the block BN depends on the kernel the CPU runs: 32 with
+    AVX2, 64 with AVX-512 (measured on torch 2.13; ``_INT4PACK_BLOCK_N`` is found at
+    import; ``block_n`` overrides it)."""
+    block_n = block_n or _INT4PACK_BLOCK_N
+    blocks = packed.view(N // block_n, K, block_n // 2)  # (N/BN, K, BN/2)
+    halves = torch.stack((blocks & 0x0F, blocks >> 4), dim=1)  # (N/BN, 2, K, BN/2)
+    return halves.transpose(2, 3)  # (N/BN, 2, BN/2, K): rows (nb, half, d)
 
 
-def unpack_int4pack(packed: Tensor, N: int, K: int) -> Tensor:
+def unpack_int4pack(packed: Tensor, N: int, K: int, block_n: int = 0) -> Tensor:
     """The (N, K) uint8 codes held in the CPU int4 kernel's packed layout."""
-    return _int4pack_rows(packed, N, K).reshape(N, K)
+    return _int4pack_rows(packed, N, K, block_n).reshape(N, K)
 
 
-def _int4pack_unpacks() -> bool:
-    """Whether ``unpack_int4pack`` inverts this torch build's CPU int4 packing."""
+def _int4pack_block_n() -> int:
+    """The row block of this torch build's CPU int4 packing on this CPU, or 0 when
+    ``unpack_int4pack`` inverts none of the known ones."""
     if not _HAS_INT4_CPU_KERNEL:
-        return False
+        return 0
     generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (2 * _INT4PACK_BLOCK_N, 64), generator=generator)
+    codes = torch.randint(0, 16, (128, 64), generator=generator)  # a multiple of every block
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), _INT4_INNER_K_TILES)
-        unpacked = unpack_int4pack(packed, *codes.shape)
-    except RuntimeError:  # another layout (its size does not fit the view)
-        return False
-    return torch.equal(unpacked.long(), codes)
+    except RuntimeError:
+        return 0
+    for block_n in (32, 64, 16):
+        try:
+            if torch.equal(unpack_int4pack(packed, *codes.shape, block_n).long(), codes):
+                return block_n
+        except RuntimeError:  # another layout (its size does not fit the view)
+            continue
+    return 0
 
 
-_INT4PACK_BLOCK_N = 32
-_INT4PACK_UNPACKS = _int4pack_unpacks()
+_INT4PACK_BLOCK_N = _int4pack_block_n()
+_INT4PACK_UNPACKS = _INT4PACK_BLOCK_N > 0
 
 
 class Int4Linear(nn.Module):
@@ -358,7 +394,7 @@ class Int4Linear(nn.Module):
                 _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
             )  # (M, N) bf16, like Int8Linear's kernel path
         else:  # a dense matmul (the kernel is slow for many rows)
-            y = F.linear(as_dtype(x2, dense), self.dequantized_weight(dense))
+            y = F.linear(as_dtype(x2, dense), self.dequantized_weight(dense))  # (M, N)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

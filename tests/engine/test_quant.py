@@ -43,6 +43,36 @@ def test_int8_linear_matches_its_dequantized_weight() -> None:
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dense_path_dequantizes_a_large_weight_in_row_blocks(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``dense_min_rows`` a weight with more output rows than a block (the vocab
+    projection) is multiplied a block at a time; the result is the whole matmul's."""
+    import llm_backend.engine.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "_DENSE_BLOCK_ROWS", 16)
+    dequantized: list[int] = []
+    real_linear = quantize_module.F.linear
+
+    def counting_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        dequantized.append(weight.shape[0])
+        return real_linear(x, weight)
+
+    monkeypatch.setattr(quantize_module.F, "linear", counting_linear)
+    torch.manual_seed(5)
+    linear = nn.Linear(64, 40, bias=True).requires_grad_(False)
+    layer = Int8Linear(linear)
+    x = torch.randn(dense_min_rows(dtype) + 3, 64).to(dtype)
+    weight = layer.weight.float() * layer.scales.float()[:, None]
+    expected = x.float() @ weight.T + linear.bias.bfloat16().float()
+    out = layer(x)
+    assert dequantized == [16, 16, 8]  # never the whole (40, 64) weight at once
+    assert out.shape == (x.shape[0], 40)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
     group_size: int, monkeypatch: pytest.MonkeyPatch
@@ -71,7 +101,9 @@ def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
     torch.testing.assert_close(slow(x).float(), expected, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("out_features", [96, 48, 40])  # 48: a half pack block; 40: no kernel
+# 128: whole pack blocks (32 rows with AVX2, 64 with AVX-512); 96: whole with AVX2 only;
+# 48: a half AVX2 block; 40: no kernel
+@pytest.mark.parametrize("out_features", [128, 96, 48, 40])
 def test_int4_holds_one_copy_of_its_codes(out_features: int) -> None:
     """With the kernel, the dense (prefill) path unpacks the kernel's own layout instead
     of keeping a second copy of the codes; the weight it multiplies with is exact."""
@@ -84,10 +116,10 @@ def test_int4_holds_one_copy_of_its_codes(out_features: int) -> None:
     scales, zeros = scales.bfloat16().float(), zeros.bfloat16().float()  # as stored
     groups = q.reshape(out_features, -1, 32).float()
     expected = ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(out_features, 96)
-    packed_only = layer.use_kernel and quantize_module._INT4PACK_UNPACKS and out_features % 32 == 0
-    assert (layer.codes is None) == packed_only
+    block_n = quantize_module._INT4PACK_BLOCK_N
     if layer.use_kernel:
-        assert quantize_module._INT4PACK_UNPACKS  # this torch build's layout is the known one
+        assert block_n in (32, 64)  # this torch build's layout on this CPU is a known one
+    assert (layer.codes is None) == (layer.use_kernel and out_features % block_n == 0)
     torch.testing.assert_close(layer.dequantized_weight(torch.float32), expected)
     many = torch.randn(quantize_module.DEQUANT_MIN_ROWS_FLOAT32 + 1, 96)
     torch.testing.assert_close(layer(many), many @ expected.T, atol=1e-4, rtol=1e-4)
