@@ -313,7 +313,7 @@ def _int4pack_block_n() -> int:
         return 0
     for block_n in (32, 64, 16):
         try:
-            if torch.equal(unpack_int4pack(packed, *codes.shape, block_n).long(), codes):
+            if torch.equal(unpack_int4pack(packed, 128, 64, block_n).long(), codes):
                 return block_n
         except RuntimeError:  # another layout (its size does not fit the view)
             continue
