@@ -91,7 +91,7 @@ def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
     fast = Int4Linear(linear, group_size)
     assert fast.use_kernel == quantize_module._HAS_INT4_CPU_KERNEL
     torch.testing.assert_close(fast(x).float(), expected, atol=0.05, rtol=0.02)
-    many = torch.randn(quantize_module.DEQUANT_MIN_ROWS + 3, 128, dtype=torch.bfloat16)
+    many = torch.randn(dense_min_rows(torch.bfloat16, int4=True) + 3, 128, dtype=torch.bfloat16)
     torch.testing.assert_close(  # a prefill's rows take the dequantized bf16 matmul
         fast(many).float(), many.float() @ dequant.T, atol=0.05, rtol=0.02
     )
@@ -121,7 +121,7 @@ def test_int4_holds_one_copy_of_its_codes(out_features: int) -> None:
         assert block_n in (32, 64)  # this torch build's layout on this CPU is a known one
     assert (layer.codes is None) == (layer.use_kernel and out_features % block_n == 0)
     torch.testing.assert_close(layer.dequantized_weight(torch.float32), expected)
-    many = torch.randn(quantize_module.DEQUANT_MIN_ROWS_FLOAT32 + 1, 96)
+    many = torch.randn(dense_min_rows(torch.float32, int4=True) + 1, 96)
     torch.testing.assert_close(layer(many), many @ expected.T, atol=1e-4, rtol=1e-4)
 
 
@@ -279,7 +279,7 @@ def test_quantized_linears_compute_in_float32_activations(rows: int) -> None:
         "int4": int4.dequantized_weight(torch.float32),
     }
     for name, layer in (("int8", int8), ("int4", int4)):
-        dense = rows >= dense_min_rows(torch.float32)
+        dense = rows >= dense_min_rows(torch.float32, int4=name == "int4")
         out = layer(x)
         assert out.dtype == (torch.float32 if dense else torch.bfloat16)
         assert out.shape == (rows, 64)
@@ -326,9 +326,11 @@ def test_bf16_decode_rows_past_the_threshold_multiply_densely_in_a_native_dtype(
     torch.manual_seed(3)
     linear = nn.Linear(128, 64, bias=False).requires_grad_(False)
     native = cpu_has_native_bf16()
-    rows = dense_min_rows(torch.bfloat16 if native else torch.float32)
-    x = torch.randn(rows, 128).bfloat16()
     for layer in (Int8Linear(linear), Int4Linear(linear, 32)):
+        rows = dense_min_rows(
+            torch.bfloat16 if native else torch.float32, int4=isinstance(layer, Int4Linear)
+        )
+        x = torch.randn(rows, 128).bfloat16()
         out = layer(x)
         assert out.dtype == (torch.bfloat16 if native else torch.float32)
         expected = layer(x.float())  # the float32 dense path on the same rows
