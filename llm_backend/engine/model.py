@@ -23,7 +23,7 @@ import math
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import Tensor, nn
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
 from llm_backend.engine.quantize import Fp16Linear, Int8Embedding, Int8Linear, as_dtype
+
+if TYPE_CHECKING:
+    from llm_backend.engine.aot import AotDecode
 
 
 @dataclass
@@ -357,6 +360,7 @@ class Transformer(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self._compiled_run: Callable[..., Tensor] | None = None  # see compile_decode
+        self._aot_decode: AotDecode | None = None  # see use_aot_decode
         self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         # (S_max, hd) each; rope_sin holds (-sin, sin) over the two halves (apply_rope).
@@ -402,6 +406,8 @@ class Transformer(nn.Module):
             )
         args = self.args
         device = self.device
+        # compiled steps hold the old cache's pointers (use_aot_decode binds anew)
+        self._aot_decode = None
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         for block in self.blocks():
             block.attention.kv_cache = KVCache(
@@ -494,11 +500,27 @@ class Transformer(nn.Module):
         slot_index = (
             slots if slots is not None else torch.arange(tokens.shape[0], device=tokens.device)
         )[:, None]  # (B, 1)
+        aot = self._aot_decode
+        if aot is not None and tokens.shape[1] == 1 and aot.covers(tokens.shape[0], S):
+            # One new token per row: last_only changes nothing (logits_index is 0).
+            return aot(tokens, input_pos, slot_index[:, 0], S)
         run = self._run
         if self._compiled_run is not None and tokens.shape[1] <= SMALL_T_ATTENTION:
             run = self._compiled_run
             first_slot = 0 if slots is None else None  # the graphs warm_up_decode built
         return run(tokens, input_pos, slot_index, first_slot, S, last_only, logits_index)
+
+    def use_aot_decode(self, decode: AotDecode | None) -> None:
+        """Run steps of one new token per row through ``decode`` (compiled ahead of time
+        for this model's weights and cache: ``llm_backend.engine.aot``) where it covers
+        the batch size and cache length; the rest stays eager. None: all eager.
+        ``setup_caches`` drops it (the library holds the old cache's pointers)."""
+        if decode is not None and decode.max_batch > self.max_batch:
+            raise EngineError(
+                f"the compiled decode step covers {decode.max_batch} rows, the cache "
+                f"{self.max_batch} slots"
+            )
+        self._aot_decode = decode
 
     def compile_decode(self) -> None:
         """Run decode steps (at most ``SMALL_T_ATTENTION`` new tokens per row) through

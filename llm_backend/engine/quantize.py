@@ -96,9 +96,14 @@ def _dense_dtype(x: Tensor) -> torch.dtype:
     """The dtype a dense (dequantized) matmul runs in for activations ``x``: x's own,
     except bf16 on a CPU without native bf16 (a decode batch's bf16 kernel output fed
     onward), which goes float32: an emulated bf16 matmul there is ~6x slower."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _CPU_NATIVE_BF16:
+    return _dense_dtype_for(x.dtype, x.device.type)
+
+
+def _dense_dtype_for(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """``_dense_dtype`` for activations of ``dtype`` on a ``device_type`` device."""
+    if dtype == torch.bfloat16 and device_type == "cpu" and not _CPU_NATIVE_BF16:
         return torch.float32
-    return x.dtype
+    return dtype
 
 
 def dense_min_rows(dtype: torch.dtype, *, int4: bool = False) -> int:
@@ -235,10 +240,15 @@ class Int8Linear(nn.Module):
         self.scales: Tensor
         self.bias: Tensor | None
 
+    def dense_from_rows(self, dtype: torch.dtype, device_type: str = "cpu") -> int | None:
+        """The row count from which ``forward`` multiplies densely for activations of
+        ``dtype`` (below it, the int8 kernel); None: always dense."""
+        return dense_min_rows(_dense_dtype_for(dtype, device_type))
+
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
         dense = _dense_dtype(x2)
-        if x2.shape[0] >= dense_min_rows(dense):  # prefill: a dense matmul
+        if x2.shape[0] >= dense_min_rows(dense):  # prefill: a dense matmul (dense_from_rows)
             x2 = as_dtype(x2, dense)
             scales = self.scales.to(dense)[:, None]  # (N, 1)
             y = _blocked_dense_matmul(  # int8 promotes in the mul: no float copy of the codes
@@ -390,10 +400,17 @@ class Int4Linear(nn.Module):
         weight = torch.mul(q, scales.float()).add_(offsets.float())  # (N, G, gs) float32
         return as_dtype(weight.view(N, K), dtype)
 
+    def dense_from_rows(self, dtype: torch.dtype, device_type: str = "cpu") -> int | None:
+        """The row count from which ``forward`` multiplies densely for activations of
+        ``dtype`` (below it, the int4 kernel); None: always dense (no kernel)."""
+        if not self.use_kernel:
+            return None
+        return dense_min_rows(_dense_dtype_for(dtype, device_type), int4=True)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
         dense = _dense_dtype(x2)
-        if self.use_kernel and x2.shape[0] < dense_min_rows(dense, int4=True):
+        if self.use_kernel and x2.shape[0] < dense_min_rows(dense, int4=True):  # see above
             y = torch._weight_int4pack_mm_for_cpu(
                 _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
             )  # (M, N) bf16, like Int8Linear's kernel path

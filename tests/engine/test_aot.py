@@ -1,0 +1,107 @@
+"""Decode steps compiled ahead of time (``llm_backend.engine.aot``) against eager ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_backend.engine import aot
+from llm_backend.engine.errors import EngineError
+from llm_backend.engine.loader import load_model
+from llm_backend.engine.quantize import Int8Linear
+
+pytestmark = pytest.mark.slow
+
+
+@torch.inference_mode()
+def test_aot_decode_matches_eager_writes_the_models_cache_and_is_reused(
+    tiny_gguf: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_gguf()
+    aot_dir = tmp_path / "aot"
+    eager = load_model(path, quant="fp32", max_batch=4, max_seq_len=64).model
+    model = load_model(
+        path, quant="fp32", max_batch=4, max_seq_len=64, compile_decode=True, aot_dir=aot_dir
+    ).model
+    decode = model._aot_decode
+    assert decode is not None and model._compiled_run is None  # no in-process compiler
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 200, (1, n)) for n in (5, 9, 3)]
+    slots = torch.tensor([2, 0, 3])  # rows in other slots than their index: gather path
+    for net in (eager, model):
+        for slot, prompt in zip(slots.tolist(), prompts, strict=True):
+            positions = torch.arange(prompt.shape[1])[None]
+            net(prompt, positions, torch.tensor([slot]), kv_len=prompt.shape[1])  # prefill
+    assert decode.calls == 0  # prefill stays eager
+    positions = torch.tensor([[5], [9], [3]])
+    tokens = torch.tensor([[7], [8], [9]])
+    for _ in range(4):  # kv_len and positions change every step: one library serves all
+        kv_len = int(positions.max()) + 1
+        want = eager(tokens, positions, slots, kv_len=kv_len)  # (3, 1, V)
+        got = model(tokens, positions, slots, kv_len=kv_len)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        tokens = want[:, -1].argmax(-1, keepdim=True)
+        positions = positions + 1
+    assert decode.calls == 4
+    # the compiled steps wrote their K/V into the model's own cache
+    for mine, theirs in zip(model.blocks(), eager.blocks(), strict=True):
+        assert mine.attention.kv_cache is not None and theirs.attention.kv_cache is not None
+        torch.testing.assert_close(
+            mine.attention.kv_cache.k_cache, theirs.attention.kv_cache.k_cache, atol=1e-5, rtol=0
+        )
+    # a single row without slots (generate's path) and a batch of every slot
+    single = (torch.tensor([[11]]), torch.tensor([[13]]))
+    torch.testing.assert_close(
+        model(*single, kv_len=14), eager(*single, kv_len=14), atol=1e-4, rtol=1e-4
+    )
+    assert decode.calls == 5
+
+    # A second load finds the library in the cache: no child process.
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rebuilt a cached decode step")
+
+    monkeypatch.setattr(subprocess, "run", no_build)
+    again = load_model(
+        path, quant="fp32", max_batch=4, max_seq_len=64, compile_decode=True, aot_dir=aot_dir
+    ).model
+    assert again._aot_decode is not None
+    # Reallocating the cache drops the library (it holds the old cache's pointers).
+    again.setup_caches(2, 32, torch.float32)
+    assert again._aot_decode is None
+    # A folder built for other cache sizes is refused with a clear error.
+    (folder,) = [p for p in aot_dir.iterdir() if not p.name.startswith(".")]
+    with pytest.raises(EngineError, match="compiled for 4 slots x 64 positions"):
+        aot.AotDecode.load(folder, again)
+    manifest = json.loads((folder / aot.MANIFEST).read_text())
+    name = next(iter(manifest["constants"]))
+    manifest["constants"][name]["shape"] = [1, 2, 3]
+    (folder / aot.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="does not match the model"):
+        aot.AotDecode.load(folder, eager)
+
+
+def test_batch_ranges_split_where_a_quantized_linear_switches_path(
+    tiny_gguf: Callable[..., Path],
+) -> None:
+    int8 = load_model(tiny_gguf(), quant="int8", max_batch=40, max_seq_len=32).model
+    assert isinstance(int8.output, Int8Linear)
+    cut = int8.output.dense_from_rows(int8.dtype)
+    assert cut is not None and 1 < cut <= 40
+    assert aot.decode_batch_ranges(int8) == [(1, cut - 1), (cut, 40)]
+    fp32 = load_model(tiny_gguf(), quant="fp32", max_batch=40, max_seq_len=32).model
+    assert aot.decode_batch_ranges(fp32) == [(1, 40)]
+
+
+def test_a_failing_build_is_one_clear_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "not-a-model.gguf"
+    bogus.write_bytes(b"GGUF nonsense")
+    with pytest.raises(EngineError, match="building the compiled decode step failed"):
+        aot.build_decode_packages(
+            bogus, quant="fp32", max_batch=2, max_seq_len=16, aot_dir=tmp_path / "aot"
+        )
+    assert not [p for p in (tmp_path / "aot").iterdir()]  # no half-built folder left
