@@ -52,7 +52,8 @@ def serve(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="torch.compile the decode step (~1.5x faster decode; minutes to start) "
+            help="Compile the decode step (~2x faster decode; the first start builds it "
+            "for a minute or two, cached after) "
             "[default: RAGLOOM_ENGINE__COMPILE_DECODE, off].",
         ),
     ] = None,
