@@ -5,7 +5,8 @@ D = model dim, H = query heads, Hkv = key/value heads, hd = head dim, V = vocab.
 
 Real multi-request batching: every row carries its own positions (``input_pos``)
 and its own cache slot (``slots``), so rows at different positions decode in one
-step. The attention mask is built from tensors (no host sync).
+step. The attention mask is built from tensors (no host sync); only a CPU prefill in
+bf16 reads its query blocks' key bounds on the host (``Transformer.prefill_key_bounds``).
 
 Example:
     >>> args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
@@ -31,7 +32,13 @@ from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
-from llm_backend.engine.quantize import Fp16Linear, Int8Embedding, Int8Linear, as_dtype
+from llm_backend.engine.quantize import (
+    Fp16Linear,
+    Int8Embedding,
+    Int8Linear,
+    as_dtype,
+    cpu_has_native_bf16,
+)
 
 if TYPE_CHECKING:
     from llm_backend.engine.aot import AotDecode
@@ -100,6 +107,9 @@ class ModelArgs:
 
 
 SMALL_T_ATTENTION = 4  # up to this many new tokens per row, attention skips SDPA
+# bf16 prefill attention on a CPU takes this many query positions per block (see
+# Attention._blocked_attention); 64-192 measured alike, SDPA's kernel was 1.4-2x slower.
+PREFILL_QUERY_BLOCK = 128
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
 
@@ -249,6 +259,7 @@ class Attention(nn.Module):
         slot_index: Tensor,  # (B, 1)
         first_slot: int | None,
         kv_len: int,
+        key_bounds: tuple[tuple[int, int], ...] | None = None,  # Transformer.prefill_key_bounds
     ) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_size + 2 kv_size)
@@ -265,6 +276,8 @@ class Attention(nn.Module):
         if mask.dtype != torch.bool:  # the float bias built for a few query tokens
             y = self._small_t_attention(q, k_all, v_all, mask)  # (B, T, H * hd), float32
             y = as_dtype(y, q.dtype)
+        elif key_bounds is not None and q.dtype == k_all.dtype == torch.bfloat16:
+            y = self._blocked_attention(q, k_all, v_all, mask, key_bounds)  # (B, T, H * hd)
         else:
             # a bf16 cache under float32 activations: the chunk's keys in q's dtype
             k_all, v_all = as_dtype(k_all, q.dtype), as_dtype(v_all, q.dtype)
@@ -273,6 +286,49 @@ class Attention(nn.Module):
             )  # (B, H, T, hd)
             y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.wo(y)  # (B, T, D)
+
+    def _blocked_attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor,
+        key_bounds: tuple[tuple[int, int], ...],
+    ) -> Tensor:
+        """Prefill attention in bf16 on a CPU, ``PREFILL_QUERY_BLOCK`` query positions
+        at a time, each block against only the keys it can see: ``key_bounds`` holds
+        (lo, hi) per block, keys [hi, S) are masked for all its rows and [0, lo) for none,
+        so the mask is applied to columns [lo, hi) only.
+
+        PyTorch's CPU flash-attention kernel runs at ~60-100 GFLOP/s here whether it gets
+        a mask or ``is_causal`` (bf16 matmuls reach ~420): it multiplies small tiles one
+        head at a time. This path makes each block two batched matmuls over the KV heads
+        with their G query heads stacked as rows (no K/V repeat), a masked fill and a
+        softmax: 1.4-2x faster for 512-1,500 token prompts on the Zen 4 kind, the
+        causal upper triangle skipped a block at a time.
+        q (B, T, H, hd); k, v (B, Hkv, S, hd); mask (B, 1, T, S) bool (True = attend).
+        """
+        B, T = q.shape[:2]
+        S = k.shape[2]
+        G = self.n_heads // self.n_kv_heads
+        hd = self.head_dim
+        rows = B * self.n_kv_heads
+        qg = (q * hd**-0.5).view(B, T, self.n_kv_heads, G, hd).permute(0, 2, 3, 1, 4)
+        keys = k.reshape(rows, S, hd)  # a view of the cache when its slots are consecutive
+        values = v.reshape(rows, S, hd)
+        y = torch.empty(B, T, self.n_kv_heads, G, hd, dtype=q.dtype, device=q.device)
+        for block, (lo, Sk) in enumerate(key_bounds):
+            start = block * PREFILL_QUERY_BLOCK
+            end = min(T, start + PREFILL_QUERY_BLOCK)
+            n = end - start
+            qb = qg[:, :, :, start:end].reshape(rows, G * n, hd)  # (B*Hkv, G*n, hd)
+            scores = torch.bmm(qb, keys[:, :Sk].transpose(1, 2))  # (B*Hkv, G*n, Sk)
+            hidden = mask[:, :, None, start:end, lo:Sk].logical_not()  # (B, 1, 1, n, Sk - lo)
+            scores.view(B, self.n_kv_heads, G, n, Sk)[..., lo:].masked_fill_(hidden, -math.inf)
+            probs = torch.softmax(scores, dim=-1).view(rows, G * n, Sk)  # float32 inside
+            out = torch.bmm(probs, values[:, :Sk])  # (B*Hkv, G*n, hd)
+            y[:, start:end] = out.view(B, self.n_kv_heads, G, n, hd).permute(0, 3, 1, 2, 4)
+        return y.view(B, T, self.q_size)
 
     def _small_t_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         """Attention for a few query tokens (decode) as two float32 batched matmuls.
@@ -336,9 +392,18 @@ class TransformerBlock(nn.Module):
         slot_index: Tensor,
         first_slot: int | None,
         kv_len: int,
+        key_bounds: tuple[tuple[int, int], ...] | None = None,
     ) -> Tensor:
         h = self.attention(
-            self.attention_norm(x), cos, sin, mask, write_rows, slot_index, first_slot, kv_len
+            self.attention_norm(x),
+            cos,
+            sin,
+            mask,
+            write_rows,
+            slot_index,
+            first_slot,
+            kv_len,
+            key_bounds,
         )
         h = x + h
         return h + self.feed_forward(self.ffn_norm(h))
@@ -361,6 +426,7 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self._compiled_run: Callable[..., Tensor] | None = None  # see compile_decode
         self._aot_decode: AotDecode | None = None  # see use_aot_decode
+        self._blocked_prefill = False  # see Attention._blocked_attention, setup_caches
         self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         # (S_max, hd) each; rope_sin holds (-sin, sin) over the two halves (apply_rope).
@@ -409,6 +475,9 @@ class Transformer(nn.Module):
         # compiled steps hold the old cache's pointers (use_aot_decode binds anew)
         self._aot_decode = None
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self._blocked_prefill = (
+            device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16()
+        )
         for block in self.blocks():
             block.attention.kv_cache = KVCache(
                 max_batch, max_seq_len, args.n_kv_heads, args.head_dim, dtype
@@ -571,6 +640,23 @@ class Transformer(nn.Module):
         heads = torch.arange(self.args.n_kv_heads, device=base.device) * S_max  # (Hkv,)
         return (base[:, :, None] + heads).reshape(-1)
 
+    @staticmethod
+    def prefill_key_bounds(input_pos: Tensor, S: int) -> tuple[tuple[int, int], ...]:
+        """For each block of ``PREFILL_QUERY_BLOCK`` query positions, (lo, hi): every
+        row of the block attends to cache positions [0, lo) (1 + its smallest position)
+        and none attends past hi (1 + its largest position); both at most ``S``.
+
+        Read on the host: the blocked attention runs only on a CPU, where this costs a
+        few microseconds and no device sync.
+        """
+        B, T = input_pos.shape
+        blocks = -(-T // PREFILL_QUERY_BLOCK)
+        last = input_pos[:, -1:].expand(B, blocks * PREFILL_QUERY_BLOCK - T)
+        padded = torch.cat((input_pos, last), dim=1).view(B, blocks, PREFILL_QUERY_BLOCK)
+        lo = padded.amin(dim=(0, 2)).tolist()  # (blocks,)
+        hi = padded.amax(dim=(0, 2)).tolist()
+        return tuple((min(S, a + 1), min(S, b + 1)) for a, b in zip(lo, hi, strict=True))
+
     def small_t_bias(self, mask: Tensor) -> Tensor:
         """The decode attention's additive bias: bool ``mask`` (B, 1, T, S) -> 0 / -inf,
         (B * Hkv, G * T, S) float32, laid out like ``Attention._small_t_attention``'s
@@ -601,11 +687,16 @@ class Transformer(nn.Module):
         sin = as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
         # Causal per-row mask over cache positions: key position <= query position.
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
+        key_bounds = None
         if tokens.shape[1] <= SMALL_T_ATTENTION:  # decode path wants an additive float bias
             mask = self.small_t_bias(mask)  # (B * Hkv, G * T, S)
+        elif self._blocked_prefill:
+            key_bounds = self.prefill_key_bounds(input_pos, S)
         write_rows = self.cache_write_rows(slot_index, input_pos)  # (B*T*Hkv,)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, write_rows, slot_index, first_slot, S)  # (B, T, D)
+            x = layer(
+                x, cos, sin, mask, write_rows, slot_index, first_slot, S, key_bounds
+            )  # (B, T, D)
         if last_only:
             if logits_index is None:
                 x = x[:, -1:]  # (B, 1, D)
