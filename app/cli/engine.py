@@ -40,8 +40,17 @@ def serve(
         int, typer.Option("--max-waiting", help="Queued requests before 503.")
     ] = 64,
     prefill_chunk: Annotated[
-        int, typer.Option("--prefill-chunk", help="Prompt tokens per prefill step.")
+        int,
+        typer.Option("--prefill-chunk", help="Prompt tokens per prefill step while others decode."),
     ] = 512,
+    idle_prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--idle-prefill-chunk",
+            help="Prompt tokens per prefill step when nothing decodes (a lone prompt in "
+            "one step is faster).",
+        ),
+    ] = 2048,
     served_name: Annotated[
         str | None, typer.Option("--served-model-name", help="Model id clients send.")
     ] = None,
@@ -63,6 +72,12 @@ def serve(
         fail(f"--port must be in [1, 65535], got {port}")
     if max_batch < 1:
         fail(f"--max-batch must be >= 1, got {max_batch}")
+    for flag, value in (
+        ("--prefill-chunk", prefill_chunk),
+        ("--idle-prefill-chunk", idle_prefill_chunk),
+    ):
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
     import uvicorn
 
     from llm_backend.engine.async_engine import AsyncEngine
@@ -87,7 +102,10 @@ def serve(
             compile_decode=compile_decode,
         )
         config = SchedulerConfig(
-            max_running=max_batch, max_waiting=max_waiting, prefill_chunk=prefill_chunk
+            max_running=max_batch,
+            max_waiting=max_waiting,
+            prefill_chunk=prefill_chunk,
+            idle_prefill_chunk=idle_prefill_chunk,
         )
         name = served_name or (model if not model.endswith(".gguf") else Path(model).stem)
         engine = AsyncEngine(loaded, model_name=name, config=config).start()

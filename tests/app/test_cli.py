@@ -54,3 +54,11 @@ def test_serve_refuses_auth_off_on_public_address(
     assert check_bind("::1", "off") is None
     assert check_bind("0.0.0.0", "on") is None
     assert is_loopback("localhost") and not is_loopback("10.0.0.1")
+
+
+@pytest.mark.parametrize("flag", ["--prefill-chunk", "--idle-prefill-chunk"])
+def test_engine_serve_rejects_a_prefill_budget_below_one(runner: CliRunner, flag: str) -> None:
+    result = runner.invoke(cli, ["engine", "serve", "--model", "missing.gguf", flag, "0"])
+    assert result.exit_code == 1
+    assert f"{flag} must be >= 1, got 0" in result.output
+    assert "Traceback" not in result.output

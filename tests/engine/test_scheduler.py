@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from llm_backend.engine.errors import EngineError
 from llm_backend.engine.sampling import SamplingParams
 from llm_backend.engine.scheduler import (
     EngineOverloaded,
@@ -132,7 +133,8 @@ def test_batched_chunked_output_equals_alone() -> None:
         )
         alone[i] = _text(sink[f"r{i}"])
     model = FakeModel()
-    scheduler = Scheduler(model, FakeTokenizer(), SchedulerConfig(max_running=8, prefill_chunk=16))
+    config = SchedulerConfig(max_running=8, prefill_chunk=16, idle_prefill_chunk=16)
+    scheduler = Scheduler(model, FakeTokenizer(), config)
     sink = {}
     _run(scheduler, [_request(f"r{i}", p, sink, max_tokens=12) for i, p in enumerate(prompts)])
     for i in range(len(prompts)):
@@ -162,6 +164,23 @@ def test_decode_interleaves_with_long_prefill() -> None:
             break
     # The 160-token prompt needs 10 chunks; the short request kept decoding meanwhile.
     assert tokens_during_long_prefill >= 9
+
+
+def test_idle_scheduler_prefills_a_long_prompt_in_one_forward() -> None:
+    prompt = _prompt(160, 2)
+    sink: dict[str, list[RequestOutput]] = {}
+    chunked = FakeModel(max_seq_len=256)
+    config = SchedulerConfig(max_running=2, prefill_chunk=16, idle_prefill_chunk=16)
+    _run(Scheduler(chunked, FakeTokenizer(), config), [_request("a", prompt, sink, max_tokens=4)])
+    assert [shape for shape in chunked.forward_shapes if shape[1] > 1] == [(1, 16)] * 10
+    idle = FakeModel(max_seq_len=256)
+    config = SchedulerConfig(max_running=2, prefill_chunk=16, idle_prefill_chunk=100)
+    _run(Scheduler(idle, FakeTokenizer(), config), [_request("b", prompt, sink, max_tokens=4)])
+    # nothing decodes while the prompt is read: 100 tokens, then the last 60
+    assert [shape for shape in idle.forward_shapes if shape[1] > 1] == [(1, 100), (1, 60)]
+    assert _text(sink["b"]) == _text(sink["a"])
+    with pytest.raises(EngineError, match="idle_prefill_chunk must be >= 1, got 0"):
+        Scheduler(idle, FakeTokenizer(), SchedulerConfig(max_running=2, idle_prefill_chunk=0))
 
 
 def test_prefix_cache_reuses_slot_and_keeps_output() -> None:
