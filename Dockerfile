@@ -14,6 +14,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RAGLOOM_MODELS_DIR=/opt/ragloom/models
 
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# g++: the engine compiles its decode step ahead of time (AOTInductor), once per model
+# and cache shape, in the background of its first start; without it decode stays eager.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/ragloom/src
 COPY pyproject.toml README.md ./
@@ -29,7 +33,8 @@ RUN pip install .
 RUN ragloom models pull smollm2-135m
 
 RUN useradd --create-home --uid 10001 ragloom \
-    && mkdir -p /data && chown ragloom /data
+    && mkdir -p /data /home/ragloom/.cache/ragloom/aot \
+    && chown ragloom /data && chown -R ragloom /home/ragloom/.cache
 USER ragloom
 VOLUME ["/data"]
 EXPOSE 8000

@@ -74,10 +74,12 @@ class EngineSettings(BaseModel):
     max_batch: int = 8
     max_seq_len: int = 4096
     max_queue: int = 64
-    compile_decode: bool = Field(
-        default=False,
+    compile_decode: bool | Literal["background"] = Field(
+        default="background",
         description="Compile the decode step (CPU: ahead of time in a child process, "
-        "cached on disk; ~2x faster decode, a minute or two the first start).",
+        "cached on disk; ~2x faster decode). true: before serving (a few minutes the "
+        "first start); background: serve at once with eager decode and switch when the "
+        "build is done (CPU; elsewhere like true); false: eager.",
     )
 
 

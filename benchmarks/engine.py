@@ -3,7 +3,9 @@
 Same GGUF (SmolLM2-135M-Instruct Q4_1), one run, each engine in its own subprocess (so
 peak RSS is its own). Figures: prefill tok/s (512-token prompt), decode tok/s at batch
 1, aggregate decode tok/s with 8 and 32 concurrent requests, TTFT of a 1,500-token
-prompt, peak RSS, and start-up time (``load_s``, no target). Targets are printed
+prompt, peak RSS, and start-up time (``load_s``, no target). Ours is measured as it
+serves: requests go through an ``AsyncEngine`` (its own engine thread) and are consumed
+by asyncio, as in ``ragloom engine serve`` and the API. Targets are printed
 beside, plus our batch-1 ratio to the int8 bandwidth bound (205 tok/s on this machine
 kind).
 
@@ -23,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import resource
@@ -69,16 +72,10 @@ def _model_path() -> Path:
 
 # ---------------------------------------------------------------------- ours
 def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
-    import torch
-
+    from llm_backend.engine.async_engine import AsyncEngine
     from llm_backend.engine.loader import load_model
     from llm_backend.engine.sampling import SamplingParams
-    from llm_backend.engine.scheduler import (
-        EngineRequest,
-        RequestOutput,
-        Scheduler,
-        SchedulerConfig,
-    )
+    from llm_backend.engine.scheduler import SchedulerConfig
 
     # "int4" or "int4-compiled": the weights, and whether decode runs through torch.compile
     quant, _, mode = variant.partition("-")
@@ -94,41 +91,44 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
     tok = loaded.tokenizer
 
     def run(prompts: list[list[int]], max_tokens: int, chunk: int = 512) -> dict[str, float]:
-        scheduler = Scheduler(
-            loaded.model,
-            tok,
-            SchedulerConfig(max_running=32, prefill_chunk=chunk, min_prefix=10**6),
-        )  # min_prefix: no prefix-cache hits between benchmark phases
-        first: list[float] = []
-        counts = [0]
+        """Serve ``prompts`` at once through an ``AsyncEngine`` (the engine thread, as the
+        servers run it), consumed by asyncio in this thread."""
+        engine = AsyncEngine(
+            loaded,
+            model_name="bench",
+            config=SchedulerConfig(max_running=32, prefill_chunk=chunk, min_prefix=10**6),
+        ).start()  # min_prefix: no prefix-cache hits between benchmark phases
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
-        def sink(output: RequestOutput) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            counts[0] += 1
+        async def one(prompt: list[int]) -> tuple[float, int]:
+            first, tokens = 0.0, 0
+            async for output in engine.generate(prompt, params, ignore_eos=True):
+                if not first and output.token_ids:
+                    first = time.perf_counter()
+                tokens += len(output.token_ids)
+            return first, tokens
+
+        async def serve_all() -> list[tuple[float, int]]:
+            return await asyncio.gather(*(one(prompt) for prompt in prompts))
 
         start = time.perf_counter()
-        for i, prompt in enumerate(prompts):
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-            scheduler.add_request(EngineRequest(f"r{i}", prompt, params, sink, ignore_eos=True))
-        while scheduler.has_work():
-            scheduler.step()
+        results = asyncio.run(serve_all())
         end = time.perf_counter()
-        generated = scheduler.generated_tokens
+        engine.stop()
+        first = min(when for when, _ in results)
         return {
-            "ttft": first[0] - start,
+            "ttft": first - start,
             "total": end - start,
-            "tokens": float(generated),
-            "after_first": end - first[0],
+            "tokens": float(sum(tokens for _, tokens in results)),
+            "after_first": end - first,
         }
 
-    with torch.inference_mode():
-        run([_prompt_ids(tok.encode, 64)], 4)  # warm-up
-        prefill = run([_prompt_ids(tok.encode, 512, 1)], 1)
-        decode = run([_prompt_ids(tok.encode, 32, 2)], decode_tokens)
-        agg8 = run([_prompt_ids(tok.encode, 32, 10 + i) for i in range(8)], decode_tokens)
-        agg32 = run([_prompt_ids(tok.encode, 32, 50 + i) for i in range(32)], decode_tokens)
-        ttft = run([_prompt_ids(tok.encode, 1500, 3)], 1)
+    run([_prompt_ids(tok.encode, 64)], 4)  # warm-up
+    prefill = run([_prompt_ids(tok.encode, 512, 1)], 1)
+    decode = run([_prompt_ids(tok.encode, 32, 2)], decode_tokens)
+    agg8 = run([_prompt_ids(tok.encode, 32, 10 + i) for i in range(8)], decode_tokens)
+    agg32 = run([_prompt_ids(tok.encode, 32, 50 + i) for i in range(32)], decode_tokens)
+    ttft = run([_prompt_ids(tok.encode, 1500, 3)], 1)
     return {
         "prefill_tok_s": 512 / prefill["ttft"],
         "decode_b1_tok_s": (decode["tokens"] - 1) / decode["after_first"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -85,7 +85,7 @@ class LocalEngineBackend:
         max_batch: int = 8,
         max_seq_len: int = 4096,
         max_waiting: int | None = None,
-        compile_decode: bool = False,
+        compile_decode: bool | Literal["background"] = False,
     ) -> LocalEngineBackend:
         """Load a GGUF file, start an engine on it, and wrap it (``close()`` stops it).
 

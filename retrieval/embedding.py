@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from retrieval.models import ModelNotAvailable, offline_hint, resolve_model_path
+from retrieval.threads import run_on_fresh_thread
 from retrieval.types import RetrievalError
 
 if TYPE_CHECKING:
@@ -137,9 +138,12 @@ class SentenceTransformerEmbedder:
         with self._lock:
             if self._model is not None:
                 return
-            model = self._load()
-            self._make_query_model(model)
-            self._model = model
+            self._model = run_on_fresh_thread(self._load_with_query_model)
+
+    def _load_with_query_model(self) -> SentenceTransformer:
+        model = self._load()
+        self._make_query_model(model)
+        return model
 
     def _make_query_model(self, model: SentenceTransformer) -> None:
         """Set what ``embed_query`` runs: a lean encoder for a BERT model with mean
@@ -223,20 +227,26 @@ class SentenceTransformerEmbedder:
         """
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=len(texts) > self.progress_threshold,
+        model = self.model
+        vectors = run_on_fresh_thread(
+            lambda: model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=len(texts) > self.progress_threshold,
+            )
         )
         return np.asarray(vectors, dtype=np.float32)  # (N, D)
 
     def embed_query(self, text: str) -> np.ndarray:
         """Embed one query text: float32 array of shape (dimension,)."""
+        self.warm_up()
+        return run_on_fresh_thread(lambda: self._embed_query(text))
+
+    def _embed_query(self, text: str) -> np.ndarray:
         import torch
 
-        self.warm_up()
         if self._query_encoder is not None:
             return self._query_encoder.encode(text)
         model = self._query_model

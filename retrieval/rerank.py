@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from retrieval.models import ModelNotAvailable
+from retrieval.threads import run_on_fresh_thread
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -71,7 +72,7 @@ class CrossEncoderReranker:
             return
         with self._lock:
             if self._model is None:
-                self._model = self._load()
+                self._model = run_on_fresh_thread(self._load, name="ragloom-rerank")
 
     def _load(self) -> CrossEncoder:
         from sentence_transformers import CrossEncoder
@@ -103,12 +104,16 @@ class CrossEncoderReranker:
         if not passages:
             return []
         self.warm_up()
-        assert self._model is not None
-        scores = self._model.predict(
-            [(query, p) for p in passages],
-            batch_size=self.batch_size,
-            show_progress_bar=False,
-            convert_to_numpy=True,
+        model = self._model
+        assert model is not None
+        scores = run_on_fresh_thread(
+            lambda: model.predict(
+                [(query, p) for p in passages],
+                batch_size=self.batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            ),
+            name="ragloom-rerank",
         )
         scores = np.asarray(scores, dtype=np.float32)
         if scores.ndim == 2:  # (N, labels): take the last label as "relevant"

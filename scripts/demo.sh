@@ -19,7 +19,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-echo "[demo] starting the API on http://127.0.0.1:$API_PORT (engine: SmolLM2-135M int8, in-process)"
+echo "[demo] starting the API on http://127.0.0.1:$API_PORT (engine: SmolLM2-135M int4, in-process;"
+echo "[demo]   the first start builds its compiled decode step in the background, ~2x faster after)"
 $RL serve --host 127.0.0.1 --port "$API_PORT" &
 pids+=($!)
 for _ in $(seq 1 180); do

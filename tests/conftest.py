@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+# Engines the tests start (in process or as servers) decode eagerly: the default builds a
+# compiled decode step in the background, minutes of CPU per model and cache shape.
+# tests/engine/test_aot.py covers that path.
+os.environ.setdefault("RAGLOOM_ENGINE__COMPILE_DECODE", "false")
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex

@@ -61,9 +61,10 @@ def serve(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="Compile the decode step (~2x faster decode; the first start builds it "
-            "for a minute or two, cached after) "
-            "[default: RAGLOOM_ENGINE__COMPILE_DECODE, off].",
+            help="Compile the decode step before serving (~2x faster decode; the first "
+            "start builds it for a few minutes, cached after) or not at all "
+            "[default: RAGLOOM_ENGINE__COMPILE_DECODE, background: serve at once, "
+            "switch to the compiled step when its build is done].",
         ),
     ] = None,
 ) -> None:
@@ -90,8 +91,7 @@ def serve(
     settings = load_settings(fresh=False)
     models_dir = models_dir if models_dir is not None else settings.models_dir
     quant = quant if quant is not None else settings.engine.quant
-    if compile_decode is None:
-        compile_decode = settings.engine.compile_decode
+    compile_mode = settings.engine.compile_decode if compile_decode is None else compile_decode
     try:
         path = resolve_model(model, models_dir)
         loaded = load_model(
@@ -99,7 +99,7 @@ def serve(
             quant=quant,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
-            compile_decode=compile_decode,
+            compile_decode=compile_mode,
         )
         config = SchedulerConfig(
             max_running=max_batch,

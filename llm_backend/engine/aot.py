@@ -112,6 +112,29 @@ def _cpu_signature() -> str:
     return "".join(sorted(set(lines)))
 
 
+def cached_decode_packages(
+    path: str | Path, *, quant: str, max_batch: int, max_seq_len: int, aot_dir: Path
+) -> Path | None:
+    """The folder ``build_decode_packages`` would return, if the cache holds it."""
+    target = aot_dir / package_key(Path(path), quant, max_batch, max_seq_len)
+    return target if (target / MANIFEST).is_file() else None
+
+
+def _become_background_child(parent_pid: int) -> None:
+    """The build child, started beside a serving engine: yield the CPU to it (nice 10)
+    and, on Linux, end when the thread that started the build ends (a server that stops
+    abandons its build rather than leave it running)."""
+    os.nice(10)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # it ended before the call above
+            sys.exit(1)
+
+
 def build_decode_packages(
     path: str | Path,
     *,
@@ -120,6 +143,7 @@ def build_decode_packages(
     max_seq_len: int,
     aot_dir: Path,
     timeout_s: float = BUILD_TIMEOUT_S,
+    low_priority: bool = False,
 ) -> Path:
     """The folder of compiled decode steps for a model loaded with these arguments,
     building it in a child process unless the cache has it.
@@ -131,6 +155,8 @@ def build_decode_packages(
         max_seq_len: The model's positions per slot (as ``setup_caches`` got them).
         aot_dir: The cache folder; one subfolder per key (``package_key``).
         timeout_s: Give up on a build after this long.
+        low_priority: Build at a lower CPU priority (nice 10), for a build running
+            beside a serving engine.
 
     Raises:
         EngineError: The build failed (with the child's last error lines) or timed out.
@@ -138,9 +164,12 @@ def build_decode_packages(
     path = Path(path)
     if max_seq_len < MIN_SEQ_LEN:
         raise EngineError(f"compile_decode needs max_seq_len >= {MIN_SEQ_LEN}, got {max_seq_len}")
+    cached = cached_decode_packages(
+        path, quant=quant, max_batch=max_batch, max_seq_len=max_seq_len, aot_dir=aot_dir
+    )
+    if cached is not None:
+        return cached
     target = aot_dir / package_key(path, quant, max_batch, max_seq_len)
-    if (target / MANIFEST).is_file():
-        return target
     aot_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=aot_dir))
     command = [
@@ -153,12 +182,19 @@ def build_decode_packages(
         f"--max-seq-len={max_seq_len}",
         f"--out={staging}",
     ]
+    if low_priority:
+        command.append(f"--background-of={os.getpid()}")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_PACKAGE_ROOT), env.get("PYTHONPATH"))))
     logger.info("compiling the decode step ahead of time into %s (once; minutes)", target)
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
         )
         if result.returncode != 0:
             tail = " | ".join(result.stderr.strip().splitlines()[-3:])
@@ -386,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, required=True)
     parser.add_argument("--max-seq-len", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--background-of", type=int, default=None, help="the serving pid")
     args = parser.parse_args(argv)
+    if args.background_of is not None:
+        _become_background_child(args.background_of)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         _build(args.model, args.quant, args.max_batch, args.max_seq_len, args.out)

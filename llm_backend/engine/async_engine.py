@@ -38,6 +38,7 @@ from llm_backend.engine.scheduler import (
     SchedulerConfig,
 )
 from llm_backend.engine.structured import GrammarCompiler
+from llm_backend.engine.threads import run_on_fresh_thread
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +113,17 @@ class AsyncEngine:
         self.tokenizer = loaded.tokenizer
         self.metrics = metrics or EngineMetrics(model_name)
         self.grammars = GrammarCompiler(loaded.tokenizer, int(loaded.model.args.vocab_size))
-        self.scheduler = Scheduler(
-            loaded.model,
-            loaded.tokenizer,
-            config or SchedulerConfig(max_running=loaded.model.max_batch),
-            grammars=self.grammars,
-            metrics=self.metrics,
+        # The scheduler allocates its buffers on a short-lived thread: the caller's
+        # thread (the HTTP server's) must not keep an OpenMP pool (engine.threads).
+        self.scheduler = run_on_fresh_thread(
+            lambda: Scheduler(
+                loaded.model,
+                loaded.tokenizer,
+                config or SchedulerConfig(max_running=loaded.model.max_batch),
+                grammars=self.grammars,
+                metrics=self.metrics,
+            ),
+            name="ragloom-engine-setup",
         )
         self.max_seq_len: int = self.scheduler.max_seq_len
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

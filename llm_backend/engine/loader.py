@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from llm_backend.engine.quantize import (
     quantize_int8_rows,
     quantize_linears,
 )
+from llm_backend.engine.threads import run_on_fresh_thread
 from llm_backend.engine.tokenizer import EngineTokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class LoadedModel:
     path: Path
     quant: str
     device: str
+    # compile_decode="background": the thread building the compiled decode step (it
+    # attaches it to the model when done; join it to wait), else None
+    decode_build: threading.Thread | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -321,7 +326,7 @@ def load_model(
     device: str = "cpu",
     max_batch: int = 8,
     max_seq_len: int = 4096,
-    compile_decode: bool = False,
+    compile_decode: bool | Literal["background"] = False,
     aot_dir: Path | None = None,
 ) -> LoadedModel:
     """Read a GGUF file and return the model (quantized, caches allocated) and tokenizer.
@@ -343,6 +348,11 @@ def load_model(
             first time, a second later), so the serving process holds no compiler.
             Otherwise through ``torch.compile`` in this process, its graphs built now
             (a few minutes on 2 cores; inductor's disk cache shortens later starts).
+            ``"background"``: where the step is built ahead of time, return at once with
+            eager decode and build it in a low-priority child process meanwhile; the
+            model switches to it between two steps when it is ready
+            (``LoadedModel.decode_build``; a failed build leaves decode eager, logged).
+            A cached build is loaded now. Elsewhere like True.
         aot_dir: The cache folder of ahead-of-time compiled steps
             (default ``aot.default_aot_dir()``).
 
@@ -352,6 +362,24 @@ def load_model(
     """
     if quant not in QUANT_MODES:
         raise EngineError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    # On a short-lived thread: the caller's thread (often the one that serves HTTP)
+    # must not keep an OpenMP pool beside the engine thread's (engine.threads).
+    return run_on_fresh_thread(
+        lambda: _load_model(path, quant, device, max_batch, max_seq_len, compile_decode, aot_dir),
+        name="ragloom-load-model",
+    )
+
+
+def _load_model(
+    path: str | Path,
+    quant: str,
+    device: str,
+    max_batch: int,
+    max_seq_len: int,
+    compile_decode: bool | Literal["background"],
+    aot_dir: Path | None,
+) -> LoadedModel:
+    """``load_model``'s work, on its own thread."""
     if quant == "fp16" and not device.startswith("cpu"):
         raise EngineError("quant fp16 is the CPU's fbgemm path; on a GPU use bf16")
     started = time.perf_counter()
@@ -366,21 +394,28 @@ def load_model(
         model.setup_caches(max_batch, seq_len, kv_cache_dtype(quant, model.dtype))
     del gguf_file
     _release_freed_memory()
+    decode_build = None
     if compile_decode:
         compile_started = time.perf_counter()
         if device.startswith("cpu") and quant != "fp16":  # fp16's fbgemm op is Python-registered
-            folder = aot.build_decode_packages(
-                path,
-                quant=quant,
-                max_batch=model.max_batch,
-                max_seq_len=model.max_seq_len,
-                aot_dir=aot_dir or aot.default_aot_dir(),
+            aot_dir = aot_dir or aot.default_aot_dir()
+            batch, seq_len = model.max_batch, model.max_seq_len
+            folder = aot.cached_decode_packages(
+                path, quant=quant, max_batch=batch, max_seq_len=seq_len, aot_dir=aot_dir
             )
-            model.use_aot_decode(aot.AotDecode.load(folder, model))
+            if compile_decode == "background" and folder is None:
+                decode_build = _build_decode_in_background(model, Path(path), quant, aot_dir)
+            else:
+                if folder is None:
+                    folder = aot.build_decode_packages(
+                        path, quant=quant, max_batch=batch, max_seq_len=seq_len, aot_dir=aot_dir
+                    )
+                model.use_aot_decode(aot.AotDecode.load(folder, model))
         else:
             model.compile_decode()
             model.warm_up_decode()
-        logger.info("compiled decode in %.1fs", time.perf_counter() - compile_started)
+        if decode_build is None:
+            logger.info("compiled decode in %.1fs", time.perf_counter() - compile_started)
     logger.info(
         "loaded %s (%s, %d layers) as %s in %.1fs",
         Path(path).name,
@@ -389,4 +424,33 @@ def load_model(
         quant,
         time.perf_counter() - started,
     )
-    return LoadedModel(model, tokenizer, model.args, Path(path), quant, device)
+    return LoadedModel(model, tokenizer, model.args, Path(path), quant, device, decode_build)
+
+
+def _build_decode_in_background(
+    model: Transformer, path: Path, quant: str, aot_dir: Path
+) -> threading.Thread:
+    """Start a thread that builds the compiled decode step (in a child process at low
+    priority) and attaches it to ``model``: the next decode step runs compiled."""
+
+    def build() -> None:
+        started = time.perf_counter()
+        try:
+            folder = aot.build_decode_packages(
+                path,
+                quant=quant,
+                max_batch=model.max_batch,
+                max_seq_len=model.max_seq_len,
+                aot_dir=aot_dir,
+                low_priority=True,
+            )
+            model.use_aot_decode(aot.AotDecode.load(folder, model))
+        except (EngineError, OSError, RuntimeError) as exc:
+            logger.warning("compiled decode unavailable, decode stays eager: %s", exc)
+            return
+        logger.info("compiled decode ready after %.0fs", time.perf_counter() - started)
+
+    thread = threading.Thread(target=build, name="ragloom-decode-build", daemon=True)
+    thread.start()
+    logger.info("building the compiled decode step in the background; decode is eager until then")
+    return thread

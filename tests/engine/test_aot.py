@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,3 +108,68 @@ def test_a_failing_build_is_one_clear_error(tmp_path: Path) -> None:
             bogus, quant="fp32", max_batch=2, max_seq_len=16, aot_dir=tmp_path / "aot"
         )
     assert not [p for p in (tmp_path / "aot").iterdir()]  # no half-built folder left
+
+
+@torch.inference_mode()
+def test_background_build_serves_eagerly_then_switches(
+    tiny_gguf: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tiny_gguf()
+    aot_dir = tmp_path / "aot"
+    commands: list[list[str]] = []
+    real_run = subprocess.run
+
+    def recording_run(command: list[str], **kwargs: Any) -> Any:
+        commands.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    eager = load_model(path, quant="fp32", max_batch=2, max_seq_len=32).model
+    loaded = load_model(
+        path, quant="fp32", max_batch=2, max_seq_len=32, compile_decode="background",
+        aot_dir=aot_dir,
+    )  # fmt: skip
+    model, build = loaded.model, loaded.decode_build
+    assert build is not None and build.is_alive()  # returned before the build is done
+    assert model._aot_decode is None and model._compiled_run is None
+
+    def decode_steps(net: torch.nn.Module, start: int) -> torch.Tensor:
+        logits = [
+            net(torch.tensor([[t % 50]]), torch.tensor([[t]]), torch.tensor([1]), kv_len=t + 1)
+            for t in range(start, start + 3)
+        ]
+        return torch.cat(logits, dim=1)
+
+    for net in (eager, model):
+        net(torch.arange(6)[None], torch.arange(6)[None], torch.tensor([1]), kv_len=6)
+    torch.testing.assert_close(decode_steps(model, 6), decode_steps(eager, 6))  # eager steps
+    build.join(timeout=900)
+    assert not build.is_alive()
+    decode = model._aot_decode
+    assert decode is not None and decode.calls == 0
+    got, want = decode_steps(model, 9), decode_steps(eager, 9)
+    assert decode.calls == 3  # the same model now decodes through the compiled step
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    (command,) = commands  # one child, told to yield the CPU to this process
+    assert f"--background-of={os.getpid()}" in command
+
+    # Cached: the next start loads it at once, no thread.
+    again = load_model(
+        path, quant="fp32", max_batch=2, max_seq_len=32, compile_decode="background",
+        aot_dir=aot_dir,
+    )  # fmt: skip
+    assert again.decode_build is None and again.model._aot_decode is not None
+    assert len(commands) == 1
+    # A build that fails leaves decode eager, with a warning naming why.
+    caplog.set_level(logging.WARNING, logger="llm_backend.engine.loader")
+    short = load_model(
+        path, quant="fp32", max_batch=2, max_seq_len=3, compile_decode="background",
+        aot_dir=aot_dir,
+    )  # fmt: skip
+    assert short.decode_build is not None
+    short.decode_build.join(timeout=60)
+    assert short.model._aot_decode is None
+    assert "compiled decode unavailable" in caplog.text and "max_seq_len >= 4" in caplog.text
