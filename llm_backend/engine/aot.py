@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,18 @@ def cached_decode_packages(
     return target if (target / MANIFEST).is_file() else None
 
 
+def _remove_abandoned_builds(aot_dir: Path, older_than_s: float) -> None:
+    """Delete staging folders of builds that never finished (their server was killed
+    mid-build) and that no build could still be writing."""
+    now = time.time()
+    for staging in aot_dir.glob(".build-*"):
+        try:
+            if now - staging.stat().st_mtime > older_than_s:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:  # removed meanwhile
+            continue
+
+
 def _become_background_child(parent_pid: int) -> None:
     """The build child, started beside a serving engine: yield the CPU to it (nice 10)
     and, on Linux, end when the thread that started the build ends (a server that stops
@@ -171,6 +184,7 @@ def build_decode_packages(
         return cached
     target = aot_dir / package_key(path, quant, max_batch, max_seq_len)
     aot_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(aot_dir, older_than_s=timeout_s)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=aot_dir))
     command = [
         sys.executable,

@@ -103,6 +103,17 @@ def test_batch_ranges_split_where_a_quantized_linear_switches_path(
 def test_a_failing_build_is_one_clear_error(tmp_path: Path) -> None:
     bogus = tmp_path / "not-a-model.gguf"
     bogus.write_bytes(b"GGUF nonsense")
+    # a build abandoned long ago (its server killed) is cleared; a recent one is left
+    abandoned, recent = tmp_path / "aot" / ".build-old", tmp_path / "aot" / ".build-new"
+    for folder in (abandoned, recent):
+        folder.mkdir(parents=True)
+    os.utime(abandoned, (0, 0))
+    with pytest.raises(EngineError, match="building the compiled decode step failed"):
+        aot.build_decode_packages(
+            bogus, quant="fp32", max_batch=2, max_seq_len=16, aot_dir=tmp_path / "aot"
+        )
+    assert not abandoned.exists() and recent.exists()
+    recent.rmdir()
     with pytest.raises(EngineError, match="building the compiled decode step failed"):
         aot.build_decode_packages(
             bogus, quant="fp32", max_batch=2, max_seq_len=16, aot_dir=tmp_path / "aot"
