@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -119,8 +120,9 @@ def tool_call_schema(tools: list[ToolSpec]) -> dict[str, Any]:
 class GrammarCompiler:
     """Builds and validates llguidance grammars for one tokenizer; makes matchers.
 
-    Building the llguidance tokenizer takes about half a second, so make one per
-    engine and share it (matchers are cheap).
+    Building the llguidance tokenizer takes about half a second and ~55 MiB for
+    SmolLM2's vocabulary, so one per engine is shared (matchers are cheap), built on the
+    first structured request: an engine that never gets one never holds it.
 
     Args:
         tokenizer: The engine tokenizer (its ``tokenizers`` JSON and ``eos_token_ids``).
@@ -129,10 +131,23 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None) -> None:
         self.vocab_size = int(vocab_size or tokenizer.vocab_size)
-        eos = sorted(int(i) for i in tokenizer.eos_token_ids)
-        self._lltokenizer = llguidance.LLTokenizer(
-            _tokenizer_json(tokenizer), n_vocab=self.vocab_size, eos_token=eos or None
-        )
+        self._tokenizer = tokenizer
+        self._built: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _lltokenizer(self) -> llguidance.LLTokenizer:
+        """The llguidance tokenizer, built once on first use (thread-safe)."""
+        if self._built is None:
+            with self._lock:
+                if self._built is None:
+                    eos = sorted(int(i) for i in self._tokenizer.eos_token_ids)
+                    self._built = llguidance.LLTokenizer(
+                        _tokenizer_json(self._tokenizer),
+                        n_vocab=self.vocab_size,
+                        eos_token=eos or None,
+                    )
+        return self._built
 
     def _validated(self, grammar: str, what: str) -> str:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
