@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import threading
@@ -28,6 +27,7 @@ from torch import nn
 from llm_backend.engine import aot
 from llm_backend.engine.errors import EngineError, ModelFileError
 from llm_backend.engine.gguf_reader import GGUFFile
+from llm_backend.engine.memory import trim_heap
 from llm_backend.engine.model import ModelArgs, Transformer, unpermute_llama_qk
 from llm_backend.engine.quantize import (
     Fp16Linear,
@@ -270,7 +270,7 @@ def build_model(
             getattr(block, norm).weight = nn.Parameter(layer_state[f"{norm}.weight"])
         del layer_state
         gguf_file.release_pages()
-        _trim_heap()
+        trim_heap()
     if mode is None:
         _load_float_top(gguf_file, model, args, dtype)
     else:
@@ -294,29 +294,19 @@ def _cast_floats(module: nn.Module, dtype: torch.dtype) -> None:
         module.to(dtype)
 
 
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS. glibc keeps them otherwise, and a load makes
-    hundreds of MB of short-lived float32 copies between the small tensors it keeps:
-    SmolLM2 int4 reached 746 MiB of RSS for 92 MiB of weights without a trim per block."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def _trimming(chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     """``chunks``, trimming the heap before each next one (the float32 chunk just used
     and its packing scratch would otherwise stay resident)."""
     for chunk in chunks:
         yield chunk
         del chunk
-        _trim_heap()
+        trim_heap()
 
 
 def _release_freed_memory() -> None:
-    """Collect garbage, then ``_trim_heap``."""
+    """Collect garbage, then ``trim_heap``."""
     gc.collect()
-    _trim_heap()
+    trim_heap()
 
 
 def load_model(
