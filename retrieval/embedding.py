@@ -11,9 +11,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from llm_backend.threads import run_on_fresh_thread
 from retrieval.models import ModelNotAvailable, offline_hint, resolve_model_path
-from retrieval.threads import run_on_fresh_thread
 from retrieval.types import RetrievalError
+
+# the short-lived thread embeddings run on (llm_backend.threads: one OpenMP pool per process)
+_THREAD = "ragloom-embedding"
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -138,7 +141,7 @@ class SentenceTransformerEmbedder:
         with self._lock:
             if self._model is not None:
                 return
-            self._model = run_on_fresh_thread(self._load_with_query_model)
+            self._model = run_on_fresh_thread(self._load_with_query_model, _THREAD)
 
     def _load_with_query_model(self) -> SentenceTransformer:
         model = self._load()
@@ -235,14 +238,15 @@ class SentenceTransformerEmbedder:
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=len(texts) > self.progress_threshold,
-            )
+            ),
+            _THREAD,
         )
         return np.asarray(vectors, dtype=np.float32)  # (N, D)
 
     def embed_query(self, text: str) -> np.ndarray:
         """Embed one query text: float32 array of shape (dimension,)."""
         self.warm_up()
-        return run_on_fresh_thread(lambda: self._embed_query(text))
+        return run_on_fresh_thread(lambda: self._embed_query(text), _THREAD)
 
     def _embed_query(self, text: str) -> np.ndarray:
         import torch

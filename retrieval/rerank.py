@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from llm_backend.threads import run_on_fresh_thread
 from retrieval.models import ModelNotAvailable
-from retrieval.threads import run_on_fresh_thread
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder

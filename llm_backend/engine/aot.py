@@ -177,12 +177,9 @@ def build_decode_packages(
     path = Path(path)
     if max_seq_len < MIN_SEQ_LEN:
         raise EngineError(f"compile_decode needs max_seq_len >= {MIN_SEQ_LEN}, got {max_seq_len}")
-    cached = cached_decode_packages(
-        path, quant=quant, max_batch=max_batch, max_seq_len=max_seq_len, aot_dir=aot_dir
-    )
-    if cached is not None:
-        return cached
     target = aot_dir / package_key(path, quant, max_batch, max_seq_len)
+    if (target / MANIFEST).is_file():
+        return target
     aot_dir.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(aot_dir, older_than_s=timeout_s)
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=aot_dir))
@@ -203,12 +200,7 @@ def build_decode_packages(
     logger.info("compiling the decode step ahead of time into %s (once; minutes)", target)
     try:
         result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-            check=False,
+            command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
         )
         if result.returncode != 0:
             tail = " | ".join(result.stderr.strip().splitlines()[-3:])

@@ -38,7 +38,7 @@ from llm_backend.engine.scheduler import (
     SchedulerConfig,
 )
 from llm_backend.engine.structured import GrammarCompiler
-from llm_backend.engine.threads import run_on_fresh_thread
+from llm_backend.threads import run_on_fresh_thread
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class AsyncEngine:
         self.metrics = metrics or EngineMetrics(model_name)
         self.grammars = GrammarCompiler(loaded.tokenizer, int(loaded.model.args.vocab_size))
         # The scheduler allocates its buffers on a short-lived thread: the caller's
-        # thread (the HTTP server's) must not keep an OpenMP pool (engine.threads).
+        # thread (the HTTP server's) must not keep an OpenMP pool (llm_backend.threads).
         self.scheduler = run_on_fresh_thread(
             lambda: Scheduler(
                 loaded.model,

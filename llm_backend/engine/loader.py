@@ -37,8 +37,8 @@ from llm_backend.engine.quantize import (
     quantize_int8_rows,
     quantize_linears,
 )
-from llm_backend.engine.threads import run_on_fresh_thread
 from llm_backend.engine.tokenizer import EngineTokenizer
+from llm_backend.threads import run_on_fresh_thread
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def load_model(
     if quant not in QUANT_MODES:
         raise EngineError(f"quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
     # On a short-lived thread: the caller's thread (often the one that serves HTTP)
-    # must not keep an OpenMP pool beside the engine thread's (engine.threads).
+    # must not keep an OpenMP pool beside the engine thread's (llm_backend.threads).
     return run_on_fresh_thread(
         lambda: _load_model(path, quant, device, max_batch, max_seq_len, compile_decode, aot_dir),
         name="ragloom-load-model",

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm_backend.engine.errors import EngineError
-from llm_backend.engine.threads import run_on_fresh_thread
+from llm_backend.threads import run_on_fresh_thread
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def _int4pack_block_n() -> int:
 
 
 # On a thread of its own: packing runs a parallel region, and the importing thread
-# (often the one that serves) would keep an OpenMP pool (llm_backend.engine.threads).
+# (often the one that serves) would keep an OpenMP pool (llm_backend.threads).
 _INT4PACK_BLOCK_N = run_on_fresh_thread(_int4pack_block_n, name="ragloom-int4-probe")
 _INT4PACK_UNPACKS = _INT4PACK_BLOCK_N > 0
 

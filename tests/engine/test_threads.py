@@ -1,4 +1,4 @@
-"""No thread but the engine's keeps an OpenMP worker pool (``llm_backend.engine.threads``).
+"""No thread but the engine's keeps an OpenMP worker pool (``llm_backend.threads``).
 
 libgomp gives each thread that starts a parallel region a pool of its own; once the
 process holds more pool workers than CPUs, every parallel region of the engine's

@@ -8,7 +8,12 @@ while its workers wait, so every parallel region in every thread pays a futex
 wake-up (~45 us here, against ~2 when spinning) and a decode step has hundreds of
 them. Measured on the 2-core Zen 4 kind: SmolLM2 int4 compiled decode at 130 tok/s
 with the engine's thread the only pool owner, 44 tok/s with one idle pool left in
-the thread that imported the engine or loaded the model.
+the thread that imported the engine or loaded the model. In a process that also runs
+retrieval (the API with the in-process engine), embedding and reranking follow the
+same rule (``retrieval.embedding``, ``retrieval.rerank``): ~0.1 ms per call.
+
+Torch-free and cheap to import (``llm_backend``'s own import is light), so both the
+engine and retrieval use it.
 """
 
 from __future__ import annotations
