@@ -236,7 +236,7 @@ class _DecodeStep(nn.Module):
         kv_positions: Tensor,  # (S,) long
     ) -> Tensor:  # (B, 1, V) float32
         return self.model._run(
-            tokens, input_pos, slots[:, None], None, kv_positions.shape[0], False, None
+            tokens, input_pos, slots[:, None], None, kv_positions.shape[0], False, None, True
         )
 
 

@@ -24,7 +24,7 @@ import math
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,19 @@ SMALL_T_ATTENTION = 4  # up to this many new tokens per row, attention skips SDP
 # bf16 prefill attention on a CPU takes this many query positions per block (see
 # Attention._blocked_attention); 64-192 measured alike, SDPA's kernel was 1.4-2x slower.
 PREFILL_QUERY_BLOCK = 128
+# Decode attention (Attention._small_t_attention) has three forms. Compiled, "fused":
+# products and sums inductor fuses into loops that read the cache as it is. Eager,
+# "float32": the cache's rows converted, then two float32 batched matmuls; or "bf16" from
+# this many cached positions in all (rows x kv_len) in a bf16 cache, where the float32
+# copies outgrow the CPU's caches (PyTorch's bf16 batched matmul copies a strided cache
+# slice to a packed one, so bf16 gains nothing below this). SmolLM2 int4, whole eager
+# decode step on the Zen 4 kind, float32 / bf16 ms: 1 row x 1,500 positions 31 / 32,
+# 2 x 1,500 27 / 29, 4 x 1,024 41 / 38, 8 x 1,500 96 / 67, 16 x 1,024 460 / 105,
+# 32 x 1,500 730 / 292. The fused form (timed per layer as a compiled call, against
+# the float32 form compiled): 32 x 1,500 3.9 vs 36 ms, 8 x 1,500 0.95 vs 5.2, 1 x 128
+# 63 vs 124 us.
+BF16_DECODE_MIN_POSITIONS = 4096
+DecodeAttention = Literal["float32", "bf16", "fused"]
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
 
@@ -254,12 +267,13 @@ class Attention(nn.Module):
         cos: Tensor,  # (B, T, 1, hd)
         sin: Tensor,
         mask: Tensor,  # (B, 1, T, S) bool (True = attend), or for small T the float
-        # 0/-inf bias (B * Hkv, G * T, S) of Transformer.small_t_bias
+        # 0/-inf bias (B * Hkv, G * T, S) of Transformer.small_t_bias (float32 or bf16)
         write_rows: Tensor,  # (B*T*Hkv,): where this step's K/V go in the cache
         slot_index: Tensor,  # (B, 1)
         first_slot: int | None,
         kv_len: int,
         key_bounds: tuple[tuple[int, int], ...] | None = None,  # Transformer.prefill_key_bounds
+        decode_attention: DecodeAttention = "float32",  # the small-T form, see its constant
     ) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_size + 2 kv_size)
@@ -274,7 +288,7 @@ class Attention(nn.Module):
             slot_index, first_slot, write_rows, k, v, kv_len
         )  # (B, Hkv, S, hd)
         if mask.dtype != torch.bool:  # the float bias built for a few query tokens
-            y = self._small_t_attention(q, k_all, v_all, mask)  # (B, T, H * hd), float32
+            y = self._small_t_attention(q, k_all, v_all, mask, decode_attention)  # (B, T, H*hd)
             y = as_dtype(y, q.dtype)
         elif key_bounds is not None and q.dtype == k_all.dtype == torch.bfloat16:
             y = self._blocked_attention(q, k_all, v_all, mask, key_bounds)  # (B, T, H * hd)
@@ -330,14 +344,23 @@ class Attention(nn.Module):
             y[:, start:end] = out.view(B, self.n_kv_heads, G, n, hd).permute(0, 3, 1, 2, 4)
         return y.view(B, T, self.q_size)
 
-    def _small_t_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """Attention for a few query tokens (decode) as two float32 batched matmuls.
+    def _small_t_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, form: DecodeAttention
+    ) -> Tensor:
+        """Attention for a few query tokens (decode), in one of three ``form``s
+        (``BF16_DECODE_MIN_POSITIONS``): "float32" and "bf16", two batched matmuls in
+        ``bias``'s dtype (bf16: scores rounded to bf16 as in the bf16 prefill); "fused",
+        for compiled steps only, products and sums that inductor turns into loops reading
+        the cache in place (eagerly it would build a (rows, G*T, S, hd) tensor).
 
         CPU SDPA costs ~0.15-0.8 ms per call at T=1 (3-6x this path). Query heads are
         grouped under their KV head, so GQA needs no K/V repeat, and every op is a view
-        at T=1 except the three that compute:
+        at T=1 except the ones that compute:
         q (B, T, H, hd) -> (B*Hkv, G*T, hd); scores (B*Hkv, G*T, S).
         ``bias`` (B*Hkv, G*T, S) holds 0 / -inf (``Transformer.small_t_bias``).
+
+        Returns:
+            (B, T, H * hd): float32, or bf16 for "bf16".
         """
         B, T = q.shape[:2]
         S = k.shape[2]
@@ -348,12 +371,24 @@ class Attention(nn.Module):
         qg = qg.reshape(rows, G * T, hd)
         keys = k.reshape(rows, S, hd)  # a view of the cache when its slots are consecutive
         values = v.reshape(rows, S, hd)
-        # bf16 activations or a bf16 cache: the softmax and its sums in float32
-        qg = as_dtype(qg, torch.float32)
-        keys, values = as_dtype(keys, torch.float32), as_dtype(values, torch.float32)
-        # scale * q k^T + bias in one op
-        scores = torch.baddbmm(bias, qg, keys.transpose(1, 2), alpha=hd**-0.5)  # (rows, G*T, S)
-        y = torch.bmm(torch.softmax(scores, dim=-1), values)  # (rows, G*T, hd)
+        if form == "fused":  # float32 sums; the products never exist as a tensor
+            qf = qg.float()[:, :, None, :]  # (rows, G*T, 1, hd)
+            scores = (qf * keys.float()[:, None]).sum(-1) * hd**-0.5 + bias  # (rows, G*T, S)
+            probs = torch.softmax(scores, dim=-1)
+            y = (probs[..., None] * values.float()[:, None]).sum(2)  # (rows, G*T, hd)
+        elif form == "bf16":  # the cache as it is; keys the first operand (not transposed)
+            qg = as_dtype(qg, torch.bfloat16)  # float32 under an fp16 model's linears
+            scores_t = torch.baddbmm(
+                bias.transpose(1, 2), keys, qg.transpose(1, 2), alpha=hd**-0.5
+            )  # (rows, S, G*T) bf16
+            probs = torch.softmax(scores_t, dim=1, dtype=torch.float32).to(torch.bfloat16)
+            y = torch.bmm(probs.transpose(1, 2), values)  # (rows, G*T, hd)
+        else:
+            qg = as_dtype(qg, torch.float32)
+            keys, values = as_dtype(keys, torch.float32), as_dtype(values, torch.float32)
+            # scale * q k^T + bias in one op
+            scores = torch.baddbmm(bias, qg, keys.transpose(1, 2), alpha=hd**-0.5)
+            y = torch.bmm(torch.softmax(scores, dim=-1), values)  # (rows, G*T, hd)
         y = y.view(B, self.n_kv_heads, G, T, hd).permute(0, 3, 1, 2, 4)  # (B, T, Hkv, G, hd)
         return y.reshape(B, T, self.q_size)
 
@@ -393,6 +428,7 @@ class TransformerBlock(nn.Module):
         first_slot: int | None,
         kv_len: int,
         key_bounds: tuple[tuple[int, int], ...] | None = None,
+        decode_attention: DecodeAttention = "float32",
     ) -> Tensor:
         h = self.attention(
             self.attention_norm(x),
@@ -404,6 +440,7 @@ class TransformerBlock(nn.Module):
             first_slot,
             kv_len,
             key_bounds,
+            decode_attention,
         )
         h = x + h
         return h + self.feed_forward(self.ffn_norm(h))
@@ -427,6 +464,7 @@ class Transformer(nn.Module):
         self._compiled_run: Callable[..., Tensor] | None = None  # see compile_decode
         self._aot_decode: AotDecode | None = None  # see use_aot_decode
         self._blocked_prefill = False  # see Attention._blocked_attention, setup_caches
+        self._bf16_decode = False  # a bf16 cache decode may read as is (setup_caches)
         self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         # (S_max, hd) each; rope_sin holds (-sin, sin) over the two halves (apply_rope).
@@ -477,6 +515,9 @@ class Transformer(nn.Module):
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self._blocked_prefill = (
             device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16()
+        )
+        self._bf16_decode = dtype == torch.bfloat16 and (
+            device.type != "cpu" or cpu_has_native_bf16()
         )
         for block in self.blocks():
             block.attention.kv_cache = KVCache(
@@ -573,11 +614,12 @@ class Transformer(nn.Module):
         if aot is not None and tokens.shape[1] == 1 and aot.covers(tokens.shape[0], S):
             # One new token per row: last_only changes nothing (logits_index is 0).
             return aot(tokens, input_pos, slot_index[:, 0], S)
-        run = self._run
         if self._compiled_run is not None and tokens.shape[1] <= SMALL_T_ATTENTION:
-            run = self._compiled_run
             first_slot = 0 if slots is None else None  # the graphs warm_up_decode built
-        return run(tokens, input_pos, slot_index, first_slot, S, last_only, logits_index)
+            return self._compiled_run(
+                tokens, input_pos, slot_index, first_slot, S, last_only, logits_index, True
+            )
+        return self._run(tokens, input_pos, slot_index, first_slot, S, last_only, logits_index)
 
     def use_aot_decode(self, decode: AotDecode | None) -> None:
         """Run steps of one new token per row through ``decode`` (compiled ahead of time
@@ -657,14 +699,26 @@ class Transformer(nn.Module):
         hi = padded.amax(dim=(0, 2)).tolist()
         return tuple((min(S, a + 1), min(S, b + 1)) for a, b in zip(lo, hi, strict=True))
 
-    def small_t_bias(self, mask: Tensor) -> Tensor:
+    def decode_attention(self, batch: int, kv_len: int, *, compiled: bool) -> DecodeAttention:
+        """The form of a decode step's attention for ``batch`` rows attending to ``kv_len``
+        cached positions (``BF16_DECODE_MIN_POSITIONS``): "fused" when ``compiled``; else
+        "bf16" for many positions in a bf16 cache on a device with native bf16, or
+        "float32"."""
+        if compiled:
+            return "fused"
+        if self._bf16_decode and batch * kv_len >= BF16_DECODE_MIN_POSITIONS:
+            return "bf16"
+        return "float32"
+
+    def small_t_bias(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The decode attention's additive bias: bool ``mask`` (B, 1, T, S) -> 0 / -inf,
-        (B * Hkv, G * T, S) float32, laid out like ``Attention._small_t_attention``'s
-        grouped scores. Built once per step and shared by every layer."""
+        (B * Hkv, G * T, S) in ``dtype`` (the attention's), laid out like
+        ``Attention._small_t_attention``'s grouped scores. Built once per step and shared
+        by every layer."""
         B, _, T, S = mask.shape
         Hkv = self.args.n_kv_heads
         G = self.args.n_heads // Hkv
-        bias = torch.where(mask, 0.0, float("-inf"))  # (B, 1, T, S) float32
+        bias = as_dtype(torch.where(mask, 0.0, float("-inf")), dtype)  # (B, 1, T, S)
         return bias.unsqueeze(2).expand(B, Hkv, G, T, S).reshape(B * Hkv, G * T, S)
 
     def _run(
@@ -676,9 +730,10 @@ class Transformer(nn.Module):
         S: int,
         last_only: bool,
         logits_index: Tensor | None,  # (B,)
+        compiled: bool = False,
     ) -> Tensor:
         """The forward pass proper (``forward`` checks arguments and picks eager or
-        compiled)."""
+        compiled). ``compiled``: traced for compilation (the decode attention's form)."""
         B = tokens.shape[0]
         # The residual stream stays float32 whatever the weights' dtype: summing 30
         # layers' outputs in bf16 costs accuracy, and the extra casts are cheap.
@@ -688,14 +743,26 @@ class Transformer(nn.Module):
         # Causal per-row mask over cache positions: key position <= query position.
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
         key_bounds = None
+        decode_attention: DecodeAttention = "float32"
         if tokens.shape[1] <= SMALL_T_ATTENTION:  # decode path wants an additive float bias
-            mask = self.small_t_bias(mask)  # (B * Hkv, G * T, S)
+            decode_attention = self.decode_attention(B, S, compiled=compiled)
+            dtype = torch.bfloat16 if decode_attention == "bf16" else torch.float32
+            mask = self.small_t_bias(mask, dtype)  # (B * Hkv, G * T, S)
         elif self._blocked_prefill:
             key_bounds = self.prefill_key_bounds(input_pos, S)
         write_rows = self.cache_write_rows(slot_index, input_pos)  # (B*T*Hkv,)
         for layer in self.layers:
             x = layer(
-                x, cos, sin, mask, write_rows, slot_index, first_slot, S, key_bounds
+                x,
+                cos,
+                sin,
+                mask,
+                write_rows,
+                slot_index,
+                first_slot,
+                S,
+                key_bounds,
+                decode_attention,
             )  # (B, T, D)
         if last_only:
             if logits_index is None:

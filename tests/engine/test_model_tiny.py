@@ -14,6 +14,7 @@ from llm_backend.engine.loader import load_model
 from llm_backend.engine.model import (
     PREFILL_QUERY_BLOCK,
     Attention,
+    ModelArgs,
     Transformer,
     lazy_zeros,
     release_pages,
@@ -278,3 +279,61 @@ def test_blocked_prefill_attention_matches_the_float32_model(
     assert blocked_calls[-1] == ((1, 188), (129, 250))  # 2 query blocks
     assert errors[True] < 0.02, errors
     assert errors[True] < 2 * errors[False] + 0.005, errors
+
+
+def test_decode_attention_forms_match_the_float32_model(
+    tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step's three attention forms (eager float32, eager bf16 over a bf16
+    cache read as it is, and the fused form compiled steps use) give the float32
+    model's logits: rows at different lengths, one slot holding stale keys past its
+    row's position from an earlier, longer prompt (a form that attends past a row's
+    position sees them)."""
+    import llm_backend.engine.model as model_module
+
+    path = tiny_gguf(n_kv_heads=2, n_heads=4)
+    reference = load_model(path, quant="fp32", max_batch=2, max_seq_len=128).model
+    model = load_model(path, quant="bf16", max_batch=2, max_seq_len=128).model
+    ids = torch.randint(0, 256, (3, 90), generator=torch.Generator().manual_seed(3))
+    slots = torch.tensor([0, 1])
+
+    def step(m: Transformer, form: str) -> torch.Tensor:
+        with torch.no_grad():
+            m(ids[:1, :80], torch.arange(80)[None], torch.tensor([0]), kv_len=80)
+            m(ids[1:2, :90], torch.arange(90)[None], torch.tensor([1]), kv_len=90)
+            m(ids[2:3, :30], torch.arange(30)[None], torch.tensor([1]), kv_len=30)  # stale 30..89
+            tokens, positions = torch.tensor([[7], [9]]), torch.tensor([[80], [30]])
+            if form == "fused":  # as a compiled step runs it, here eagerly
+                return m._run(tokens, positions, slots[:, None], None, 81, False, None, True)
+            return m(tokens, positions, slots, kv_len=81, first_slot=0)
+
+    expected = step(reference, "float32")
+    scale = expected.abs().max()
+    errors = {}
+    for form, threshold in (("float32", 10**9), ("bf16", 0), ("fused", 10**9)):
+        monkeypatch.setattr(model_module, "BF16_DECODE_MIN_POSITIONS", threshold)
+        assert form == "fused" or model.decode_attention(2, 81, compiled=False) == form
+        errors[form] = ((step(model, form) - expected).abs().max() / scale).item()
+    assert errors["float32"] < 0.02 and errors["fused"] < 0.02, errors
+    assert errors["bf16"] < 2 * errors["float32"] + 0.005, errors
+    # the fp32 model's fused form is the float32 form up to summation order
+    fused = step(reference, "fused")
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_attention_form_by_size_and_cache() -> None:
+    """bf16 only from BF16_DECODE_MIN_POSITIONS positions and over a bf16 cache on a
+    CPU with native bf16; compiled steps always fused."""
+    import llm_backend.engine.model as model_module
+    from llm_backend.engine.quantize import cpu_has_native_bf16
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64)
+    model = Transformer(args).to(torch.bfloat16)
+    model.setup_caches(2, 64, torch.bfloat16)
+    many = model_module.BF16_DECODE_MIN_POSITIONS
+    assert model.decode_attention(1, many - 1, compiled=False) == "float32"
+    expected = "bf16" if cpu_has_native_bf16() else "float32"
+    assert model.decode_attention(4, many // 4, compiled=False) == expected
+    assert model.decode_attention(1, 10, compiled=True) == "fused"
+    model.setup_caches(2, 64, torch.float32)
+    assert model.decode_attention(4, many, compiled=False) == "float32"
