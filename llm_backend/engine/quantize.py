@@ -256,9 +256,7 @@ class Int8Linear(nn.Module):
     def dense_from_rows(self, dtype: torch.dtype, device_type: str = "cpu") -> int | None:
         """The row count from which ``forward`` multiplies densely for activations of
         ``dtype`` (below it, the int8 kernel); None: always dense."""
-        return dense_min_rows(
-            _dense_dtype_for(dtype, device_type), out_features=self.out_features
-        )
+        return dense_min_rows(_dense_dtype_for(dtype, device_type), out_features=self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
