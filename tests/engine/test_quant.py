@@ -73,6 +73,38 @@ def test_int8_dense_path_dequantizes_a_large_weight_in_row_blocks(
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+def test_a_wide_int8_weight_goes_dense_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vocab projection's int8 weight (16,384+ output rows) leaves the int8 kernel
+    from ``WIDE_DEQUANT_MIN_ROWS`` bf16 rows, a narrow one from ``DEQUANT_MIN_ROWS``;
+    both paths give the dequantized weight's product."""
+    import llm_backend.engine.quantize as quantize_module
+
+    torch.manual_seed(6)
+    wide = Int8Linear(nn.Linear(32, quantize_module.WIDE_OUT_FEATURES, bias=False))
+    narrow = Int8Linear(nn.Linear(32, 64, bias=False))
+    rows = quantize_module.WIDE_DEQUANT_MIN_ROWS
+    assert rows < quantize_module.DEQUANT_MIN_ROWS
+    assert wide.dense_from_rows(torch.bfloat16) == rows
+    assert narrow.dense_from_rows(torch.bfloat16) == quantize_module.DEQUANT_MIN_ROWS
+    assert wide.dense_from_rows(torch.float32) == quantize_module.DEQUANT_MIN_ROWS_FLOAT32
+    kernel_rows: list[int] = []
+    real_kernel = torch._weight_int8pack_mm
+
+    def counting_kernel(
+        x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
+    ) -> torch.Tensor:
+        kernel_rows.append(x.shape[0])
+        return real_kernel(x, weight, scales)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", counting_kernel)
+    for layer in (wide, narrow):
+        weight = layer.weight.float() * layer.scales.float()[:, None]
+        for n in (rows - 1, rows):
+            x = torch.randn(n, 32).bfloat16()
+            torch.testing.assert_close(layer(x).float(), x.float() @ weight.T, atol=0.1, rtol=0.02)
+    assert kernel_rows == [rows - 1, rows - 1, rows]  # wide: kernel, dense; narrow: both kernel
+
+
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
     group_size: int, monkeypatch: pytest.MonkeyPatch
