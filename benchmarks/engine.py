@@ -189,37 +189,28 @@ def bench_hf(decode_tokens: int) -> dict[str, float]:
         model(ids)
         return time.perf_counter() - start
 
-    def generate(batch: int) -> float:
-        ids = torch.tensor([_prompt_ids(encode, 32, 10 + i) for i in range(batch)])
+    def greedy_s(ids: torch.Tensor, new_tokens: int) -> float:
+        """Seconds for ``new_tokens`` greedy tokens after each row of ``ids``."""
         start = time.perf_counter()
-        out = model.generate(
+        model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
-            max_new_tokens=decode_tokens,
-            min_new_tokens=decode_tokens,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             pad_token_id=0,
         )
-        return (out.shape[1] - ids.shape[1]) * batch / (time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    def generate(batch: int) -> float:
+        ids = torch.tensor([_prompt_ids(encode, 32, 10 + i) for i in range(batch)])
+        return decode_tokens * batch / greedy_s(ids, decode_tokens)
 
     def long_decode() -> float:
         """8 x 1,500-token prompts: the decode rate once they are in the cache (the
         time of 64 new tokens less that of 1)."""
         ids = torch.tensor([_prompt_ids(encode, 1500, 100 + i) for i in range(8)])
-
-        def timed(new_tokens: int) -> float:
-            start = time.perf_counter()
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=0,
-            )
-            return time.perf_counter() - start
-
-        return 8 * (decode_tokens - 1) / (timed(decode_tokens) - timed(1))
+        return 8 * (decode_tokens - 1) / (greedy_s(ids, decode_tokens) - greedy_s(ids, 1))
 
     with torch.inference_mode():
         forward_time(64)
