@@ -122,8 +122,6 @@ PREFILL_QUERY_BLOCK = 128
 # the float32 form compiled): 32 x 1,500 3.9 vs 36 ms, 8 x 1,500 0.95 vs 5.2, 1 x 128
 # 63 vs 124 us.
 BF16_DECODE_MIN_POSITIONS = 4096
-# The largest logits of each position recomputed in float32 (Transformer.refine_top_logits)
-REFINED_LOGITS = 8
 DecodeAttention = Literal["float32", "bf16", "fused"]
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
@@ -771,34 +769,7 @@ class Transformer(nn.Module):
                 x = x[:, -1:]  # (B, 1, D)
             else:
                 x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, D)
-        h = self.norm(x)  # (B, T or 1, D)
-        return self.refine_top_logits(self.output(h).float(), h)  # (B, T or 1, V)
-
-    def refine_top_logits(self, logits: Tensor, h: Tensor) -> Tensor:
-        """``logits`` with the ``REFINED_LOGITS`` largest of each position recomputed in
-        float32 from ``h`` (the output projection's input) and the projection's weight.
-
-        A quantized or bf16 output projection returns bf16 logits: near 25, their step
-        is 0.125, and two candidates a few hundredths apart come out equal, the tie then
-        broken by index, differently by the kernel (one row) and the dense path (many).
-        (SmolLM2 int4 answered "What is the capital of France?" with "L'Étoile ..." that
-        way: fp32 puts "The" 0.08 above "L".) The top candidates' exact values cost a
-        few hundred multiply-adds a row; float32 and fp16 projections are returned as is.
-        """
-        out = self.output
-        bf16_linear = isinstance(out, nn.Linear) and out.weight.dtype == torch.bfloat16
-        if not (isinstance(out, Int8Linear) or bf16_linear):
-            return logits
-        bias = cast(Tensor | None, out.bias)
-        weights = cast(Tensor, out.weight)
-        top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # (B, T, k)
-        weight = weights[top].float()  # (B, T, k, D)
-        if isinstance(out, Int8Linear):
-            weight = weight * out.scales[top].float()[..., None]
-        exact = (weight * h.float()[..., None, :]).sum(-1)  # (B, T, k)
-        if bias is not None:
-            exact = exact + bias[top].float()
-        return logits.scatter(-1, top, exact)
+        return self.output(self.norm(x)).float()  # (B, T or 1, V)
 
 
 def _embedding(vocab_size: int, dim: int) -> nn.Embedding:

@@ -337,32 +337,3 @@ def test_decode_attention_form_by_size_and_cache() -> None:
     assert model.decode_attention(1, 10, compiled=True) == "fused"
     model.setup_caches(2, 64, torch.float32)
     assert model.decode_attention(4, many, compiled=False) == "float32"
-
-
-@pytest.mark.parametrize("quant", ["int8", "int4", "bf16"])
-def test_top_logits_are_recomputed_in_float32(quant: str, tiny_gguf: Callable[..., Path]) -> None:
-    """A quantized or bf16 output projection rounds logits to bf16 (ties among close
-    candidates); the REFINED_LOGITS largest per position are the float32 product of
-    the projection's input and its weight, the rest stay as the projection gave them.
-    A float32 model's logits are left alone."""
-    from llm_backend.engine.model import REFINED_LOGITS
-
-    model = load_model(tiny_gguf(), quant=quant, max_batch=1, max_seq_len=32).model
-    output = model.output
-    h = torch.randn(2, 3, model.args.dim, generator=torch.Generator().manual_seed(4))
-    h = h.to(torch.bfloat16)
-    with torch.no_grad():
-        rounded = output(h).float()  # (2, 3, V)
-        refined = model.refine_top_logits(rounded, h)
-        weight = output.weight.float()
-        if isinstance(output, Int8Linear):
-            weight = weight * output.scales.float()[:, None]
-        exact = h.float() @ weight.T  # (2, 3, V)
-    top = rounded.topk(REFINED_LOGITS, dim=-1).indices
-    torch.testing.assert_close(refined.gather(-1, top), exact.gather(-1, top))
-    untouched = torch.ones_like(rounded, dtype=torch.bool).scatter(-1, top, False)
-    assert torch.equal(refined[untouched], rounded[untouched])
-    assert (rounded.gather(-1, top) != exact.gather(-1, top)).any()  # bf16 was off
-    fp32 = load_model(tiny_gguf(), quant="fp32", max_batch=1, max_seq_len=32).model
-    logits = torch.randn(1, 1, model.args.vocab_size)
-    assert fp32.refine_top_logits(logits, h[:1, :1].float()) is logits
