@@ -110,6 +110,11 @@ SMALL_T_ATTENTION = 4  # up to this many new tokens per row, attention skips SDP
 # bf16 prefill attention on a CPU takes this many query positions per block (see
 # Attention._blocked_attention); 64-192 measured alike, SDPA's kernel was 1.4-2x slower.
 PREFILL_QUERY_BLOCK = 128
+# ... and every block attends to a multiple of this many keys (masked past its last
+# position): PyTorch's bf16 softmax sums a row's tail apart from its vector body, so a
+# row of 174 keys came out a bf16 step off the same row padded to 228, and a prompt
+# prefilled alone drifted from the same prompt prefilled beside longer ones.
+PREFILL_KEY_ALIGN = 32
 # Decode attention (Attention._small_t_attention) has three forms. Compiled, "fused":
 # products and sums inductor fuses into loops that read the cache as it is. Eager,
 # "float32": the cache's rows converted, then two float32 batched matmuls; or "bf16" from
@@ -122,6 +127,9 @@ PREFILL_QUERY_BLOCK = 128
 # the float32 form compiled): 32 x 1,500 3.9 vs 36 ms, 8 x 1,500 0.95 vs 5.2, 1 x 128
 # 63 vs 124 us.
 BF16_DECODE_MIN_POSITIONS = 4096
+# Candidates tied at a position's largest bf16 logit that are told apart in float32
+# (Transformer.break_logit_ties): more than this many tied at once is not seen.
+TIED_LOGITS = 8
 DecodeAttention = Literal["float32", "bf16", "fused"]
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
@@ -686,7 +694,8 @@ class Transformer(nn.Module):
     def prefill_key_bounds(input_pos: Tensor, S: int) -> tuple[tuple[int, int], ...]:
         """For each block of ``PREFILL_QUERY_BLOCK`` query positions, (lo, hi): every
         row of the block attends to cache positions [0, lo) (1 + its smallest position)
-        and none attends past hi (1 + its largest position); both at most ``S``.
+        and none attends past hi (1 + its largest position, rounded up to a multiple of
+        ``PREFILL_KEY_ALIGN``); both at most ``S``.
 
         Read on the host: the blocked attention runs only on a CPU, where this costs a
         few microseconds and no device sync.
@@ -697,7 +706,11 @@ class Transformer(nn.Module):
         padded = torch.cat((input_pos, last), dim=1).view(B, blocks, PREFILL_QUERY_BLOCK)
         lo = padded.amin(dim=(0, 2)).tolist()  # (blocks,)
         hi = padded.amax(dim=(0, 2)).tolist()
-        return tuple((min(S, a + 1), min(S, b + 1)) for a, b in zip(lo, hi, strict=True))
+        align = PREFILL_KEY_ALIGN
+        return tuple(
+            (min(S, a + 1), min(S, -(-(b + 1) // align) * align))
+            for a, b in zip(lo, hi, strict=True)
+        )
 
     def decode_attention(self, batch: int, kv_len: int, *, compiled: bool) -> DecodeAttention:
         """The form of a decode step's attention for ``batch`` rows attending to ``kv_len``
@@ -741,6 +754,9 @@ class Transformer(nn.Module):
         cos = as_dtype(self.rope_cos[input_pos], self.dtype).unsqueeze(2)  # (B, T, 1, hd)
         sin = as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
         # Causal per-row mask over cache positions: key position <= query position.
+        blocked = tokens.shape[1] > SMALL_T_ATTENTION and self._blocked_prefill
+        if blocked:  # whole key blocks (PREFILL_KEY_ALIGN); the cache reads as zeros past
+            S = min(-(-S // PREFILL_KEY_ALIGN) * PREFILL_KEY_ALIGN, self.max_seq_len)
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
         key_bounds = None
         decode_attention: DecodeAttention = "float32"
@@ -748,7 +764,7 @@ class Transformer(nn.Module):
             decode_attention = self.decode_attention(B, S, compiled=compiled)
             dtype = torch.bfloat16 if decode_attention == "bf16" else torch.float32
             mask = self.small_t_bias(mask, dtype)  # (B * Hkv, G * T, S)
-        elif self._blocked_prefill:
+        elif blocked:
             key_bounds = self.prefill_key_bounds(input_pos, S)
         write_rows = self.cache_write_rows(slot_index, input_pos)  # (B*T*Hkv,)
         for layer in self.layers:
@@ -769,7 +785,41 @@ class Transformer(nn.Module):
                 x = x[:, -1:]  # (B, 1, D)
             else:
                 x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, D)
-        return self.output(self.norm(x)).float()  # (B, T or 1, V)
+        h = self.norm(x)  # (B, T or 1, D)
+        return self.break_logit_ties(self.output(h).float(), h)  # (B, T or 1, V)
+
+    def break_logit_ties(self, logits: Tensor, h: Tensor) -> Tensor:
+        """``logits`` where candidates tied at a position's largest value are told apart
+        by their float32 logit: the best of them is raised by one float32 step.
+
+        A bf16 or int8 output projection returns bf16 logits: near 25 their step is
+        0.125, so two candidates a few hundredths apart come out exactly equal and
+        greedy decoding took the lower token id. SmolLM2 int4 answered "What is the
+        capital of France?" with "L'Étoile ..." that way ("The" and "L" both 25.25; in
+        float32 "The" leads by 0.08). Only exact ties change: a unique bf16 maximum
+        stays the argmax whatever float32 says (recomputing every top logit exposed
+        bf16-level differences between a prompt prefilled alone and beside others).
+        The cost is one top-k and ``TIED_LOGITS`` dot products a row, with no host sync.
+        Float32 and fp16 projections (float32 logits) are returned as they are.
+        """
+        out = self.output
+        bf16_linear = isinstance(out, nn.Linear) and out.weight.dtype == torch.bfloat16
+        if not (isinstance(out, Int8Linear) or bf16_linear):
+            return logits
+        values, top = logits.topk(min(TIED_LOGITS, logits.shape[-1]), dim=-1)  # (B, T, k)
+        best = values[..., :1]  # (B, T, 1)
+        weight = cast(Tensor, out.weight)[top].float()  # (B, T, k, D)
+        if isinstance(out, Int8Linear):
+            weight = weight * out.scales[top].float()[..., None]
+        exact = (weight * h.float()[..., None, :]).sum(-1)  # (B, T, k)
+        bias = cast(Tensor | None, out.bias)
+        if bias is not None:
+            exact = exact + bias[top].float()
+        exact = exact.masked_fill(values != best, float("-inf"))  # only the tied ones
+        winner = top.gather(-1, exact.argmax(dim=-1, keepdim=True))  # (B, T, 1)
+        raised = torch.nextafter(best, torch.full_like(best, float("inf")))
+        raised = torch.where(values[..., 1:2] == best, raised, best)  # a tie, or as it was
+        return logits.scatter(-1, winner, raised)  # (B, T, V)
 
 
 def _embedding(vocab_size: int, dim: int) -> nn.Embedding:

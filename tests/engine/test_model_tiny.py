@@ -12,6 +12,7 @@ import torch
 from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.loader import load_model
 from llm_backend.engine.model import (
+    PREFILL_KEY_ALIGN,
     PREFILL_QUERY_BLOCK,
     Attention,
     ModelArgs,
@@ -232,10 +233,37 @@ def test_prefill_key_bounds_per_query_block() -> None:
     positions = torch.stack((torch.arange(130, 130 + T), torch.arange(T)))  # (2, T)
     bounds = Transformer.prefill_key_bounds(positions, S=330)
     assert PREFILL_QUERY_BLOCK == 128
-    # block 0 (t < 128): every row sees key 0, none sees past 130 + 127
-    # block 1: every row sees keys <= 128, none past 130 + 199
-    assert bounds == ((1, 258), (129, 330))
+    # block 0 (t < 128): every row sees key 0, none sees past 130 + 127 (258, rounded
+    # up to whole PREFILL_KEY_ALIGN blocks: 288); block 1: every row sees keys <= 128,
+    # none past 130 + 199 (330, or S)
+    assert PREFILL_KEY_ALIGN == 32
+    assert bounds == ((1, 288), (129, 330))
     assert Transformer.prefill_key_bounds(positions, S=300)[1] == (129, 300)
+
+
+@pytest.mark.parametrize("align", [PREFILL_KEY_ALIGN, 1])
+def test_blocked_prefill_of_a_prompt_is_the_same_alone_and_beside_a_longer_one(
+    align: int, tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler pads a prompt prefilled beside a longer one: its rows attend to
+    more (masked) keys. With whole key blocks the result is the same bit for bit as
+    alone, so a greedy answer does not depend on its neighbours; unaligned (align 1,
+    PyTorch's bf16 softmax summing a row's tail apart) it drifted."""
+    import llm_backend.engine.model as model_module
+
+    monkeypatch.setattr(model_module, "PREFILL_KEY_ALIGN", align)
+    path = tiny_gguf(dim=256, n_heads=16, n_kv_heads=4, n_layers=4)  # enough rows to drift
+    model = load_model(path, quant="bf16", max_batch=2, max_seq_len=256).model
+    model._blocked_prefill = True  # as on a CPU with native bf16
+    ids = torch.randint(0, 256, (2, 228), generator=torch.Generator().manual_seed(6))
+    n = 174
+    with torch.no_grad():
+        alone = model(ids[:1, :n], torch.arange(n)[None], torch.tensor([0]), kv_len=n)
+        padded = torch.stack((torch.cat((ids[0, :n], ids[0, : 228 - n])), ids[1]))  # (2, 228)
+        positions = torch.arange(228)[None].repeat(2, 1)
+        beside = model(padded, positions, torch.tensor([0, 1]), kv_len=228)
+    same = torch.equal(alone[0], beside[0, :n])
+    assert same == (align == PREFILL_KEY_ALIGN)
 
 
 def test_blocked_prefill_attention_matches_the_float32_model(
@@ -276,7 +304,7 @@ def test_blocked_prefill_attention_matches_the_float32_model(
         blocked_calls.clear()
         errors[blocked] = ((run(model) - expected).abs().max() / scale).item()
         assert bool(blocked_calls) == blocked
-    assert blocked_calls[-1] == ((1, 188), (129, 250))  # 2 query blocks
+    assert blocked_calls[-1] == ((1, 192), (129, 256))  # 2 query blocks, whole key blocks
     assert errors[True] < 0.02, errors
     assert errors[True] < 2 * errors[False] + 0.005, errors
 
@@ -337,3 +365,41 @@ def test_decode_attention_form_by_size_and_cache() -> None:
     assert model.decode_attention(1, 10, compiled=True) == "fused"
     model.setup_caches(2, 64, torch.float32)
     assert model.decode_attention(4, many, compiled=False) == "float32"
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "bf16"])
+def test_logits_tied_in_bf16_are_told_apart_in_float32(
+    quant: str, tiny_gguf: Callable[..., Path]
+) -> None:
+    """A quantized or bf16 output projection rounds logits to bf16, so close candidates
+    tie at the top; the one with the larger float32 logit wins (not the lower token
+    id), and logits without a tie at the top come back unchanged. A float32 model's
+    logits are left alone."""
+    model = load_model(tiny_gguf(), quant=quant, max_batch=1, max_seq_len=32).model
+    output = model.output
+    h = torch.randn(4, 6, model.args.dim, generator=torch.Generator().manual_seed(4))
+    h = h.to(torch.bfloat16)
+    with torch.no_grad():
+        rounded = output(h).float()  # (4, 6, V)
+        weight = output.weight.float()
+        if isinstance(output, Int8Linear):
+            weight = weight * output.scales.float()[:, None]
+        exact = h.float() @ weight.T  # (4, 6, V)
+        top2 = rounded.topk(2, dim=-1).values  # (4, 6, 2)
+        untied = top2[..., 0] != top2[..., 1]  # (4, 6): ties also happen by themselves
+        assert untied.any()
+        assert torch.equal(model.break_logit_ties(rounded, h)[untied], rounded[untied])
+        tied = rounded.clone()
+        second = rounded.topk(2, dim=-1).indices[..., 1:]  # (4, 6, 1)
+        tied.scatter_(-1, second, rounded.amax(dim=-1, keepdim=True))  # a tie everywhere
+        broken = model.break_logit_ties(tied, h)
+    first = rounded.argmax(dim=-1, keepdim=True)
+    pair = torch.cat((first, second), dim=-1)  # (4, 6, 2)
+    expected = pair.gather(-1, exact.gather(-1, pair).argmax(dim=-1, keepdim=True))
+    assert torch.equal(broken.argmax(dim=-1, keepdim=True), expected)
+    assert (expected == pair.amax(dim=-1, keepdim=True)).any()  # not the lower id each time
+    assert (broken != tied).sum() == 4 * 6  # one logit raised per position
+    assert torch.all((broken - tied).abs() < 1e-5)
+    fp32 = load_model(tiny_gguf(), quant="fp32", max_batch=1, max_seq_len=32).model
+    logits = torch.randn(1, 1, model.args.vocab_size)
+    assert fp32.break_logit_ties(logits, h[:1, :1].float()) is logits
