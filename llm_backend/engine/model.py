@@ -110,11 +110,14 @@ SMALL_T_ATTENTION = 4  # up to this many new tokens per row, attention skips SDP
 # bf16 prefill attention on a CPU takes this many query positions per block (see
 # Attention._blocked_attention); 64-192 measured alike, SDPA's kernel was 1.4-2x slower.
 PREFILL_QUERY_BLOCK = 128
-# ... and every block attends to a multiple of this many keys (masked past its last
-# position): PyTorch's bf16 softmax sums a row's tail apart from its vector body, so a
-# row of 174 keys came out a bf16 step off the same row padded to 228, and a prompt
-# prefilled alone drifted from the same prompt prefilled beside longer ones.
-PREFILL_KEY_ALIGN = 32
+# Attention reads a multiple of this many cache positions (those past a row's own are
+# masked; the cache reads as zeros where never written), and each prefill query block
+# likewise. A row's result then does not depend on how far its batch's longest row
+# reaches: PyTorch's softmax and matmuls on a CPU sum a row's tail apart from its
+# vector body, so a row of 174 keys came out a bf16 step off the same row padded to
+# 228, and a prompt prefilled or decoded alone drifted from the same prompt beside
+# longer ones.
+KEY_ALIGN = 32
 # Decode attention (Attention._small_t_attention) has three forms. Compiled, "fused":
 # products and sums inductor fuses into loops that read the cache as it is. Eager,
 # "float32": the cache's rows converted, then two float32 batched matmuls; or "bf16" from
@@ -599,8 +602,9 @@ class Transformer(nn.Module):
             last_only: Return logits of one position per row only: (B, 1, V). Which one is
                 ``logits_index[b]`` when given (right-padded prefill), else T-1.
             kv_len: Upper bound (exclusive) on every position in ``input_pos``: attention
-                reads only cache positions [0, kv_len). The caller knows it host-side;
-                None reads the whole cache (correct, slower).
+                reads only cache positions [0, kv_len) (rounded up to ``KEY_ALIGN``).
+                The caller knows it host-side; None reads the whole cache (correct,
+                slower).
             first_slot: A promise that ``slots`` is ``first_slot, first_slot + 1, ...``
                 (the caller knows it host-side): attention then reads cache views instead
                 of gathering every layer's K/V (at 1,500 cached positions that gather
@@ -613,6 +617,9 @@ class Transformer(nn.Module):
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
         S = self.max_seq_len if kv_len is None else min(kv_len, self.max_seq_len)
+        # whole key blocks, short of the last position unless needed: the compiled step
+        # covers up to max_seq_len - 1 (aot: the whole cache is a case export specializes)
+        S = min(-(-S // KEY_ALIGN) * KEY_ALIGN, max(S, self.max_seq_len - 1))
         if slots is None:
             first_slot = 0  # row b owns slot b
         slot_index = (
@@ -695,7 +702,7 @@ class Transformer(nn.Module):
         """For each block of ``PREFILL_QUERY_BLOCK`` query positions, (lo, hi): every
         row of the block attends to cache positions [0, lo) (1 + its smallest position)
         and none attends past hi (1 + its largest position, rounded up to a multiple of
-        ``PREFILL_KEY_ALIGN``); both at most ``S``.
+        ``KEY_ALIGN``); both at most ``S``.
 
         Read on the host: the blocked attention runs only on a CPU, where this costs a
         few microseconds and no device sync.
@@ -706,7 +713,7 @@ class Transformer(nn.Module):
         padded = torch.cat((input_pos, last), dim=1).view(B, blocks, PREFILL_QUERY_BLOCK)
         lo = padded.amin(dim=(0, 2)).tolist()  # (blocks,)
         hi = padded.amax(dim=(0, 2)).tolist()
-        align = PREFILL_KEY_ALIGN
+        align = KEY_ALIGN
         return tuple(
             (min(S, a + 1), min(S, -(-(b + 1) // align) * align))
             for a, b in zip(lo, hi, strict=True)
@@ -754,9 +761,6 @@ class Transformer(nn.Module):
         cos = as_dtype(self.rope_cos[input_pos], self.dtype).unsqueeze(2)  # (B, T, 1, hd)
         sin = as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
         # Causal per-row mask over cache positions: key position <= query position.
-        blocked = tokens.shape[1] > SMALL_T_ATTENTION and self._blocked_prefill
-        if blocked:  # whole key blocks (PREFILL_KEY_ALIGN); the cache reads as zeros past
-            S = min(-(-S // PREFILL_KEY_ALIGN) * PREFILL_KEY_ALIGN, self.max_seq_len)
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
         key_bounds = None
         decode_attention: DecodeAttention = "float32"
@@ -764,7 +768,7 @@ class Transformer(nn.Module):
             decode_attention = self.decode_attention(B, S, compiled=compiled)
             dtype = torch.bfloat16 if decode_attention == "bf16" else torch.float32
             mask = self.small_t_bias(mask, dtype)  # (B * Hkv, G * T, S)
-        elif blocked:
+        elif self._blocked_prefill:
             key_bounds = self.prefill_key_bounds(input_pos, S)
         write_rows = self.cache_write_rows(slot_index, input_pos)  # (B*T*Hkv,)
         for layer in self.layers:

@@ -37,6 +37,7 @@ import torch
 
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.memory import trim_heap
+from llm_backend.engine.model import SMALL_T_ATTENTION
 from llm_backend.engine.sampling import (
     BatchSamplingTensors,
     SamplingParams,
@@ -56,6 +57,11 @@ class EngineOverloaded(EngineError):
 # Padded prefill tokens from which a forward's freed activations are handed back to the
 # OS (malloc_trim, ~1 ms): without it peak RSS grew 40-90 MiB over a benchmark's phases.
 _TRIM_AFTER_PREFILL_TOKENS = 256
+# A prefill forward is padded to at least this many positions a row: the model takes a
+# decode step's attention for fewer, so a short prompt (or a prefix-cache remainder)
+# prefilled alone would take another path than beside a longer one, and its greedy
+# answer would depend on its neighbours.
+_MIN_PREFILL_WIDTH = SMALL_T_ATTENTION + 1
 
 
 @dataclass
@@ -401,6 +407,8 @@ class Scheduler:
     # ----------------------------------------------------------------- forwards
     def _prefill(self, chunks: list[tuple[_Sequence, int]]) -> None:
         width = max(chunk for _, chunk in chunks)
+        room = self.max_seq_len - max(seq.num_computed for seq, _ in chunks)
+        width = max(width, min(_MIN_PREFILL_WIDTH, room))
         rows = []
         positions = []
         for seq, chunk in chunks:

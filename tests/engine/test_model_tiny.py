@@ -12,7 +12,7 @@ import torch
 from llm_backend.engine.gguf_reader import GGUFFile
 from llm_backend.engine.loader import load_model
 from llm_backend.engine.model import (
-    PREFILL_KEY_ALIGN,
+    KEY_ALIGN,
     PREFILL_QUERY_BLOCK,
     Attention,
     ModelArgs,
@@ -234,14 +234,14 @@ def test_prefill_key_bounds_per_query_block() -> None:
     bounds = Transformer.prefill_key_bounds(positions, S=330)
     assert PREFILL_QUERY_BLOCK == 128
     # block 0 (t < 128): every row sees key 0, none sees past 130 + 127 (258, rounded
-    # up to whole PREFILL_KEY_ALIGN blocks: 288); block 1: every row sees keys <= 128,
+    # up to whole KEY_ALIGN blocks: 288); block 1: every row sees keys <= 128,
     # none past 130 + 199 (330, or S)
-    assert PREFILL_KEY_ALIGN == 32
+    assert KEY_ALIGN == 32
     assert bounds == ((1, 288), (129, 330))
     assert Transformer.prefill_key_bounds(positions, S=300)[1] == (129, 300)
 
 
-@pytest.mark.parametrize("align", [PREFILL_KEY_ALIGN, 1])
+@pytest.mark.parametrize("align", [KEY_ALIGN, 1])
 def test_blocked_prefill_of_a_prompt_is_the_same_alone_and_beside_a_longer_one(
     align: int, tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,7 +251,7 @@ def test_blocked_prefill_of_a_prompt_is_the_same_alone_and_beside_a_longer_one(
     PyTorch's bf16 softmax summing a row's tail apart) it drifted."""
     import llm_backend.engine.model as model_module
 
-    monkeypatch.setattr(model_module, "PREFILL_KEY_ALIGN", align)
+    monkeypatch.setattr(model_module, "KEY_ALIGN", align)
     path = tiny_gguf(dim=256, n_heads=16, n_kv_heads=4, n_layers=4)  # enough rows to drift
     model = load_model(path, quant="bf16", max_batch=2, max_seq_len=256).model
     model._blocked_prefill = True  # as on a CPU with native bf16
@@ -263,7 +263,7 @@ def test_blocked_prefill_of_a_prompt_is_the_same_alone_and_beside_a_longer_one(
         positions = torch.arange(228)[None].repeat(2, 1)
         beside = model(padded, positions, torch.tensor([0, 1]), kv_len=228)
     same = torch.equal(alone[0], beside[0, :n])
-    assert same == (align == PREFILL_KEY_ALIGN)
+    assert same == (align == KEY_ALIGN)
 
 
 def test_blocked_prefill_attention_matches_the_float32_model(
@@ -304,7 +304,9 @@ def test_blocked_prefill_attention_matches_the_float32_model(
         blocked_calls.clear()
         errors[blocked] = ((run(model) - expected).abs().max() / scale).item()
         assert bool(blocked_calls) == blocked
-    assert blocked_calls[-1] == ((1, 192), (129, 256))  # 2 query blocks, whole key blocks
+    # 2 query blocks over whole key blocks; kv_len 250 -> 255 (256 is the whole cache,
+    # which forward keeps for a kv_len that needs it)
+    assert blocked_calls[-1] == ((1, 192), (129, 255))
     assert errors[True] < 0.02, errors
     assert errors[True] < 2 * errors[False] + 0.005, errors
 
