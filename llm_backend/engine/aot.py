@@ -235,9 +235,8 @@ class _DecodeStep(nn.Module):
         slots: Tensor,  # (B,) long
         kv_positions: Tensor,  # (S,) long
     ) -> Tensor:  # (B, 1, V) float32
-        return self.model._run(
-            tokens, input_pos, slots[:, None], None, kv_positions.shape[0], False, None, True
-        )
+        S = kv_positions.shape[0]
+        return self.model._run(tokens, input_pos, slots[:, None], None, S, compiled=True)
 
 
 def _model_tensors(model: nn.Module, prefix: str = "model.") -> dict[str, Tensor]:

@@ -134,6 +134,25 @@ BF16_DECODE_MIN_POSITIONS = 4096
 # (Transformer.break_logit_ties): more than this many tied at once is not seen.
 TIED_LOGITS = 8
 DecodeAttention = Literal["float32", "bf16", "fused"]
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward shares, built once by ``Transformer._run``."""
+
+    cos: Tensor  # (B, T, 1, hd) RoPE, in the activations' dtype
+    sin: Tensor
+    # (B, 1, T, S) bool (True = attend), or for a few query tokens the float 0/-inf
+    # bias (B * Hkv, G * T, S) of Transformer.small_t_bias (float32 or bf16)
+    mask: Tensor
+    write_rows: Tensor  # (B*T*Hkv,): where this step's K/V go in the cache
+    slot_index: Tensor  # (B, 1)
+    first_slot: int | None  # rows own slots first_slot.. (cache views); None: gather
+    kv_len: int  # S, the cache positions attended
+    key_bounds: tuple[tuple[int, int], ...] | None = None  # Transformer.prefill_key_bounds
+    decode_attention: DecodeAttention = "float32"  # the small-T form, see its constant
+
+
 _NO_CACHE = "call model.setup_caches(max_batch, max_seq_len, dtype) first"
 
 
@@ -272,37 +291,27 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.q_size, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(
-        self,
-        x: Tensor,  # (B, T, D)
-        cos: Tensor,  # (B, T, 1, hd)
-        sin: Tensor,
-        mask: Tensor,  # (B, 1, T, S) bool (True = attend), or for small T the float
-        # 0/-inf bias (B * Hkv, G * T, S) of Transformer.small_t_bias (float32 or bf16)
-        write_rows: Tensor,  # (B*T*Hkv,): where this step's K/V go in the cache
-        slot_index: Tensor,  # (B, 1)
-        first_slot: int | None,
-        kv_len: int,
-        key_bounds: tuple[tuple[int, int], ...] | None = None,  # Transformer.prefill_key_bounds
-        decode_attention: DecodeAttention = "float32",  # the small-T form, see its constant
-    ) -> Tensor:
+    def forward(self, x: Tensor, step: StepContext) -> Tensor:  # (B, T, D) -> (B, T, D)
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, q_size + 2 kv_size)
         qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
         # RoPE on Q and K heads together: (B, T, H + Hkv, hd)
-        qk = apply_rope(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+        qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
+        qk = apply_rope(qk, step.cos, step.sin)
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H | Hkv, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.kv_cache is None:
             raise EngineError(_NO_CACHE)
         k_all, v_all = self.kv_cache.update(
-            slot_index, first_slot, write_rows, k, v, kv_len
+            step.slot_index, step.first_slot, step.write_rows, k, v, step.kv_len
         )  # (B, Hkv, S, hd)
+        mask = step.mask
         if mask.dtype != torch.bool:  # the float bias built for a few query tokens
-            y = self._small_t_attention(q, k_all, v_all, mask, decode_attention)  # (B, T, H*hd)
+            form = step.decode_attention
+            y = self._small_t_attention(q, k_all, v_all, mask, form)  # (B, T, H * hd)
             y = as_dtype(y, q.dtype)
-        elif key_bounds is not None and q.dtype == k_all.dtype == torch.bfloat16:
-            y = self._blocked_attention(q, k_all, v_all, mask, key_bounds)  # (B, T, H * hd)
+        elif step.key_bounds is not None and q.dtype == k_all.dtype == torch.bfloat16:
+            y = self._blocked_attention(q, k_all, v_all, mask, step.key_bounds)  # (B, T, H*hd)
         else:
             # a bf16 cache under float32 activations: the chunk's keys in q's dtype
             k_all, v_all = as_dtype(k_all, q.dtype), as_dtype(v_all, q.dtype)
@@ -428,32 +437,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor,
-        write_rows: Tensor,
-        slot_index: Tensor,
-        first_slot: int | None,
-        kv_len: int,
-        key_bounds: tuple[tuple[int, int], ...] | None = None,
-        decode_attention: DecodeAttention = "float32",
-    ) -> Tensor:
-        h = self.attention(
-            self.attention_norm(x),
-            cos,
-            sin,
-            mask,
-            write_rows,
-            slot_index,
-            first_slot,
-            kv_len,
-            key_bounds,
-            decode_attention,
-        )
-        h = x + h
+    def forward(self, x: Tensor, step: StepContext) -> Tensor:  # (B, T, D) -> (B, T, D)
+        h = x + self.attention(self.attention_norm(x), step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -632,7 +617,7 @@ class Transformer(nn.Module):
         if self._compiled_run is not None and tokens.shape[1] <= SMALL_T_ATTENTION:
             first_slot = 0 if slots is None else None  # the graphs warm_up_decode built
             return self._compiled_run(
-                tokens, input_pos, slot_index, first_slot, S, last_only, logits_index, True
+                tokens, input_pos, slot_index, first_slot, S, last_only, logits_index, compiled=True
             )
         return self._run(tokens, input_pos, slot_index, first_slot, S, last_only, logits_index)
 
@@ -748,8 +733,9 @@ class Transformer(nn.Module):
         slot_index: Tensor,  # (B, 1)
         first_slot: int | None,
         S: int,
-        last_only: bool,
-        logits_index: Tensor | None,  # (B,)
+        last_only: bool = False,
+        logits_index: Tensor | None = None,  # (B,)
+        *,
         compiled: bool = False,
     ) -> Tensor:
         """The forward pass proper (``forward`` checks arguments and picks eager or
@@ -770,20 +756,19 @@ class Transformer(nn.Module):
             mask = self.small_t_bias(mask, dtype)  # (B * Hkv, G * T, S)
         elif self._blocked_prefill:
             key_bounds = self.prefill_key_bounds(input_pos, S)
-        write_rows = self.cache_write_rows(slot_index, input_pos)  # (B*T*Hkv,)
+        step = StepContext(
+            cos=cos,
+            sin=sin,
+            mask=mask,
+            write_rows=self.cache_write_rows(slot_index, input_pos),  # (B*T*Hkv,)
+            slot_index=slot_index,
+            first_slot=first_slot,
+            kv_len=S,
+            key_bounds=key_bounds,
+            decode_attention=decode_attention,
+        )
         for layer in self.layers:
-            x = layer(
-                x,
-                cos,
-                sin,
-                mask,
-                write_rows,
-                slot_index,
-                first_slot,
-                S,
-                key_bounds,
-                decode_attention,
-            )  # (B, T, D)
+            x = layer(x, step)  # (B, T, D)
         if last_only:
             if logits_index is None:
                 x = x[:, -1:]  # (B, 1, D)

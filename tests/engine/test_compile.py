@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,9 +59,9 @@ def test_prefill_stays_eager(tiny_gguf: Callable[..., Path]) -> None:
     model = loaded.model
     calls: list[int] = []
 
-    def spy(tokens: torch.Tensor, *args: object) -> torch.Tensor:
+    def spy(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(tokens.shape[1])
-        return model._run(tokens, *args)  # type: ignore[arg-type]
+        return model._run(tokens, *args, **kwargs)
 
     model._compiled_run = spy
     with torch.inference_mode():

@@ -334,7 +334,7 @@ def test_decode_attention_forms_match_the_float32_model(
             m(ids[2:3, :30], torch.arange(30)[None], torch.tensor([1]), kv_len=30)  # stale 30..89
             tokens, positions = torch.tensor([[7], [9]]), torch.tensor([[80], [30]])
             if form == "fused":  # as a compiled step runs it, here eagerly
-                return m._run(tokens, positions, slots[:, None], None, 81, False, None, True)
+                return m._run(tokens, positions, slots[:, None], None, 81, compiled=True)
             return m(tokens, positions, slots, kv_len=81, first_slot=0)
 
     expected = step(reference, "float32")
