@@ -784,8 +784,8 @@ class Transformer(nn.Module):
         A bf16 or int8 output projection returns bf16 logits: near 25 their step is
         0.125, so two candidates a few hundredths apart come out exactly equal and
         greedy decoding took the lower token id. SmolLM2 int4 answered "What is the
-        capital of France?" with "L'Étoile ..." that way ("The" and "L" both 25.25; in
-        float32 "The" leads by 0.08). Only exact ties change: a unique bf16 maximum
+        capital of France?" with "L'Étoile ..." that way ("The" and "L" both 25.25; its
+        float32 product puts "The" 0.035 ahead). Only exact ties change: a unique bf16 maximum
         stays the argmax whatever float32 says (recomputing every top logit exposed
         bf16-level differences between a prompt prefilled alone and beside others).
         The cost is one top-k and ``TIED_LOGITS`` dot products a row, with no host sync.
