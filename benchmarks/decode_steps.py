@@ -48,14 +48,11 @@ def _ours(path: Path, quant: str, rows: list[int], contexts: list[int]) -> dict[
             slots = torch.arange(batch)
             for context in contexts:
                 positions = torch.full((batch, 1), context - 1)
-                model.use_aot_decode(None)  # eager
-                results[f"eager {batch} {context}"] = _median_ms(
-                    lambda: model(tokens, positions, slots, kv_len=context, first_slot=0),  # noqa: B023
-                )
-                model.use_aot_decode(aot)
-                results[f"compiled {batch} {context}"] = _median_ms(
-                    lambda: model(tokens, positions, slots, kv_len=context, first_slot=0),  # noqa: B023
-                )
+                for name, decode in (("eager", None), ("compiled", aot)):
+                    model.use_aot_decode(decode)
+                    results[f"{name} {batch} {context}"] = _median_ms(
+                        lambda: model(tokens, positions, slots, kv_len=context, first_slot=0),  # noqa: B023
+                    )
     return results
 
 

@@ -94,14 +94,9 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
     load_s = time.perf_counter() - load_started
     tok = loaded.tokenizer
 
-    def run(prompts: list[list[int]], max_tokens: int, chunk: int = 512) -> dict[str, float]:
-        """Serve ``prompts`` at once through an ``AsyncEngine`` (the engine thread, as the
-        servers run it), consumed by asyncio in this thread."""
-        engine = AsyncEngine(
-            loaded,
-            model_name="bench",
-            config=SchedulerConfig(max_running=32, prefill_chunk=chunk, min_prefix=10**6),
-        ).start()  # min_prefix: no prefix-cache hits between benchmark phases
+    def serve(engine: AsyncEngine, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+        """Serve ``prompts`` at once through ``engine`` (the engine thread, as the servers
+        run it), consumed by asyncio in this thread."""
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
         async def one(prompt: list[int]) -> tuple[float, int]:
@@ -118,7 +113,6 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
         start = time.perf_counter()
         results = asyncio.run(serve_all())
         end = time.perf_counter()
-        engine.stop()
         first = min(when for when, _ in results)
         return {
             "ttft": first - start,
@@ -126,6 +120,18 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
             "tokens": float(sum(tokens for _, tokens in results)),
             "after_first": end - first,
         }
+
+    def run(prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+        """``serve`` on an engine of its own, with no prefix-cache hits between phases."""
+        engine = AsyncEngine(
+            loaded,
+            model_name="bench",
+            config=SchedulerConfig(max_running=32, prefill_chunk=512, min_prefix=10**6),
+        ).start()
+        try:
+            return serve(engine, prompts, max_tokens)
+        finally:
+            engine.stop()
 
     run([_prompt_ids(tok.encode, 64)], 4)  # warm-up
     prefill = run([_prompt_ids(tok.encode, 512, 1)], 1)
@@ -140,23 +146,11 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
         loaded, model_name="bench", config=SchedulerConfig(max_running=32, prefill_chunk=512)
     ).start()
     long_prompts = [_prompt_ids(tok.encode, 1500, 100 + i) for i in range(8)]
-
-    async def serve_long(max_tokens: int) -> int:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-
-        async def one(prompt: list[int]) -> int:
-            tokens = 0
-            async for output in engine.generate(prompt, params, ignore_eos=True):
-                tokens += len(output.token_ids)
-            return tokens
-
-        return sum(await asyncio.gather(*(one(prompt) for prompt in long_prompts)))
-
-    asyncio.run(serve_long(1))
-    start = time.perf_counter()
-    long_tokens = asyncio.run(serve_long(decode_tokens))
-    long_s = time.perf_counter() - start
-    engine.stop()
+    try:
+        serve(engine, long_prompts, 1)
+        long = serve(engine, long_prompts, decode_tokens)
+    finally:
+        engine.stop()
     return {
         "prefill_tok_s": 512 / prefill["ttft"],
         "decode_b1_tok_s": (decode["tokens"] - 1) / decode["after_first"],
@@ -165,7 +159,7 @@ def bench_ours(variant: str, decode_tokens: int) -> dict[str, float]:
         "ttft_1500_s": ttft["ttft"],
         "peak_rss_mib": peak_rss,
         "load_s": load_s,
-        "long_8_tok_s": long_tokens / long_s,
+        "long_8_tok_s": long["tokens"] / long["total"],
     }
 
 

@@ -118,6 +118,13 @@ PREFILL_QUERY_BLOCK = 128
 # 228, and a prompt prefilled or decoded alone drifted from the same prompt beside
 # longer ones.
 KEY_ALIGN = 32
+
+
+def whole_key_blocks(positions: int) -> int:
+    """``positions`` rounded up to a multiple of ``KEY_ALIGN``."""
+    return -(-positions // KEY_ALIGN) * KEY_ALIGN
+
+
 # Decode attention (Attention._small_t_attention) has three forms. Compiled, "fused":
 # products and sums inductor fuses into loops that read the cache as it is. Eager,
 # "float32": the cache's rows converted, then two float32 batched matmuls; or "bf16" from
@@ -604,7 +611,7 @@ class Transformer(nn.Module):
         S = self.max_seq_len if kv_len is None else min(kv_len, self.max_seq_len)
         # whole key blocks, short of the last position unless needed: the compiled step
         # covers up to max_seq_len - 1 (aot: the whole cache is a case export specializes)
-        S = min(-(-S // KEY_ALIGN) * KEY_ALIGN, max(S, self.max_seq_len - 1))
+        S = min(whole_key_blocks(S), max(S, self.max_seq_len - 1))
         if slots is None:
             first_slot = 0  # row b owns slot b
         slot_index = (
@@ -698,10 +705,8 @@ class Transformer(nn.Module):
         padded = torch.cat((input_pos, last), dim=1).view(B, blocks, PREFILL_QUERY_BLOCK)
         lo = padded.amin(dim=(0, 2)).tolist()  # (blocks,)
         hi = padded.amax(dim=(0, 2)).tolist()
-        align = KEY_ALIGN
         return tuple(
-            (min(S, a + 1), min(S, -(-(b + 1) // align) * align))
-            for a, b in zip(lo, hi, strict=True)
+            (min(S, a + 1), min(S, whole_key_blocks(b + 1))) for a, b in zip(lo, hi, strict=True)
         )
 
     def decode_attention(self, batch: int, kv_len: int, *, compiled: bool) -> DecodeAttention:

@@ -387,12 +387,12 @@ def test_logits_tied_in_bf16_are_told_apart_in_float32(
         if isinstance(output, Int8Linear):
             weight = weight * output.scales.float()[:, None]
         exact = h.float() @ weight.T  # (4, 6, V)
-        top2 = rounded.topk(2, dim=-1).values  # (4, 6, 2)
-        untied = top2[..., 0] != top2[..., 1]  # (4, 6): ties also happen by themselves
+        top2 = rounded.topk(2, dim=-1)  # (4, 6, 2)
+        untied = top2.values[..., 0] != top2.values[..., 1]  # (4, 6): ties happen by themselves
         assert untied.any()
         assert torch.equal(model.break_logit_ties(rounded, h)[untied], rounded[untied])
         tied = rounded.clone()
-        second = rounded.topk(2, dim=-1).indices[..., 1:]  # (4, 6, 1)
+        second = top2.indices[..., 1:]  # (4, 6, 1)
         tied.scatter_(-1, second, rounded.amax(dim=-1, keepdim=True))  # a tie everywhere
         broken = model.break_logit_ties(tied, h)
     first = rounded.argmax(dim=-1, keepdim=True)
