@@ -136,11 +136,17 @@ def test_int4_kernel_and_fallback_agree_with_the_grouped_codes(
 # 128: whole pack blocks (32 rows with AVX2, 64 with AVX-512); 96: whole with AVX2 only;
 # 48: a half AVX2 block; 40: no kernel
 @pytest.mark.parametrize("out_features", [128, 96, 48, 40])
-def test_int4_holds_one_copy_of_its_codes(out_features: int) -> None:
+# staging bytes: one chunk, one group per chunk, 2 + 1 groups (a shorter last chunk)
+@pytest.mark.parametrize("chunk_bytes", [4 << 20, 32 * 128 * 4, 64 * 128 * 4])
+def test_int4_holds_one_copy_of_its_codes(
+    out_features: int, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With the kernel, the dense (prefill) path unpacks the kernel's own layout instead
-    of keeping a second copy of the codes; the weight it multiplies with is exact."""
+    of keeping a second copy of the codes; the weight it multiplies with is exact, in
+    float32 and in bf16 (staged through float32 a few groups of input rows at a time)."""
     import llm_backend.engine.quantize as quantize_module
 
+    monkeypatch.setattr(quantize_module, "_DEQUANT_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(2)
     linear = nn.Linear(96, out_features, bias=False).requires_grad_(False)
     layer = Int4Linear(linear, 32)
@@ -153,6 +159,10 @@ def test_int4_holds_one_copy_of_its_codes(out_features: int) -> None:
         assert block_n in (32, 64)  # this torch build's layout on this CPU is a known one
     assert (layer.codes is None) == (layer.use_kernel and out_features % block_n == 0)
     torch.testing.assert_close(layer.dequantized_weight(torch.float32), expected)
+    # bf16: offsets (zero - 8 * scale) rounded to bf16 first, as the kernel rounds them
+    offsets = (zeros.bfloat16() - 8 * scales.bfloat16()).float()
+    expected_bf16 = ((groups * scales[..., None]) + offsets[..., None]).reshape(out_features, 96)
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16), expected_bf16.bfloat16())
     many = torch.randn(dense_min_rows(torch.float32, int4=True) + 1, 96)
     torch.testing.assert_close(layer(many), many @ expected.T, atol=1e-4, rtol=1e-4)
 
