@@ -123,14 +123,19 @@ def generate(
     sampling = BatchSamplingTensors.from_params(params, vocab, str(device))
     generators = make_generators(params, str(device))
 
-    # Prefill row by row (no padding waste); row b -> slot b.
-    last_logits = []
+    # Prefill row by row (no padding waste); row b -> slot b. The last prompt token of
+    # every row runs as one batched decode step, as in the scheduler: the first token's
+    # logits come from the path every later token takes.
     for row, ids in enumerate(prompt_ids_list):
-        tokens = torch.tensor([ids], dtype=torch.long, device=device)  # (1, L)
-        positions = torch.arange(len(ids), device=device)[None]  # (1, L)
+        if len(ids) == 1:
+            continue
+        tokens = torch.tensor([ids[:-1]], dtype=torch.long, device=device)  # (1, L-1)
+        positions = torch.arange(len(ids) - 1, device=device)[None]  # (1, L-1)
         slot = torch.tensor([row], device=device)
-        last_logits.append(prefill(model, tokens, positions, slot, kv_len=len(ids)))
-    logits = torch.cat(last_logits)  # (B, V)
+        prefill(model, tokens, positions, slot, kv_len=len(ids) - 1)
+    last = torch.tensor([[ids[-1]] for ids in prompt_ids_list], device=device)  # (B, 1)
+    last_pos = torch.tensor([[n - 1] for n in lengths], device=device)  # (B, 1)
+    logits = model(last, last_pos, None, kv_len=max(lengths))[:, -1]  # (B, V)
 
     token_counts = (
         torch.zeros(B, vocab, dtype=torch.int32, device=device) if sampling.any_penalty else None

@@ -465,7 +465,13 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
         dense = _dense_dtype(x2)
-        if self.use_kernel and x2.shape[0] < dense_min_rows(dense, int4=True):  # see above
+        # A prompt chunk goes dense however few its rows, as in Int8Linear: the kernel
+        # rounds differently (SmolLM2, 8 / 30 / 60 tokens alone: 76 / 93 / 117 ms dense
+        # against 25 / 59 / 102 through the kernel; from ~80 tokens dense is faster).
+        # Its bf16-rounded weights only fill the cache: a prompt's last token, whose
+        # logits are sampled, runs as a decode step through the kernel (scheduler).
+        chunk = x.dim() == 3 and x.shape[1] > 1
+        if self.use_kernel and not chunk and x2.shape[0] < dense_min_rows(dense, int4=True):
             y = torch._weight_int4pack_mm_for_cpu(
                 _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
             )  # (M, N) bf16, like Int8Linear's kernel path

@@ -167,7 +167,9 @@ class _Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.prompt_len
+        """Whether prompt positions before the last are still to be computed. The last
+        prompt token is run as a decode step, which gives the first token's logits."""
+        return self.num_computed < self.prompt_len - 1
 
     @property
     def output_ids(self) -> list[int]:
@@ -392,7 +394,7 @@ class Scheduler:
         for seq in sorted(self.running.values(), key=lambda s: s.request.arrival):
             if not seq.prefilling:
                 continue
-            chunk = min(seq.prompt_len - seq.num_computed, budget)
+            chunk = min(seq.prompt_len - 1 - seq.num_computed, budget)
             new_width = max(width, chunk)
             if chosen and (
                 new_width * (len(chosen) + 1) > budget
@@ -421,30 +423,25 @@ class Scheduler:
         input_pos = torch.tensor(positions, dtype=torch.long)  # (B, T)
         slot_ids = [seq.slot for seq, _ in chunks]
         slots = torch.tensor(slot_ids, dtype=torch.long)  # (B,)
-        last_index = torch.tensor([chunk - 1 for _, chunk in chunks], dtype=torch.long)
         kv_len = max(seq.num_computed for seq, _ in chunks) + width
-        logits = self.model(
+        # Only the cache is wanted: a prompt's last token runs as a decode step, so the
+        # first token's logits come from the path every later token takes (the int4
+        # kernel's float32 weights, not the dense path's bf16-rounded ones).
+        self.model(
             tokens,
             input_pos,
             slots,
             last_only=True,
-            logits_index=last_index,
             kv_len=kv_len,
             first_slot=_first_of_run(slot_ids),
-        )[:, 0]  # (B, V)
+        )
         if len(chunks) * width >= _TRIM_AFTER_PREFILL_TOKENS:
             # a long prompt's activations are freed now; glibc would keep their pages
             trim_heap()
-        done = []
-        for row, (seq, chunk) in enumerate(chunks):
+        for seq, chunk in chunks:
             seq.num_computed += chunk
-            if not seq.prefilling:
-                done.append(row)
         if self.metrics is not None:
             self.metrics.on_prefill(sum(chunk for _, chunk in chunks))
-        if done:
-            finished = [chunks[row][0] for row in done]
-            self._sample_and_append(finished, logits[done])
 
     def _decode(self, seqs: list[_Sequence]) -> None:
         seqs = sorted(seqs, key=lambda seq: seq.slot)  # consecutive slots read cache views

@@ -60,6 +60,12 @@ def smollm2_int8(smollm2_gguf_path: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def smollm2_int4(smollm2_gguf_path: Path) -> LoadedModel:
+    """Our engine on SmolLM2, int4 weights / bf16 activations (what ``auto`` picks)."""
+    return load_model(smollm2_gguf_path, quant="int4", max_batch=8, max_seq_len=2048)
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf_path: Path) -> Any:
     """transformers' own model loaded from the same GGUF, fp32 (the reference)."""
     from transformers import AutoModelForCausalLM

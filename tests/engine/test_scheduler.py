@@ -153,7 +153,10 @@ def test_decode_interleaves_with_long_prefill() -> None:
     scheduler = Scheduler(model, FakeTokenizer(), SchedulerConfig(max_running=2, prefill_chunk=16))
     sink: dict[str, list[RequestOutput]] = {}
     scheduler.add_request(_request("short", _prompt(4, 1), sink, max_tokens=30))
-    scheduler.step()  # short prompt prefilled, first token out
+    scheduler.step()  # short prompt prefilled
+    assert not sink["short"]
+    scheduler.step()  # its last prompt token decoded: first token out
+    assert len(sink["short"]) == 1
     scheduler.add_request(_request("long", _prompt(160, 2), sink, max_tokens=2))
     tokens_during_long_prefill = 0
     while any(not o.finished for o in sink["long"][-1:]) or not sink["long"]:
@@ -172,12 +175,13 @@ def test_idle_scheduler_prefills_a_long_prompt_in_one_forward() -> None:
     chunked = FakeModel(max_seq_len=256)
     config = SchedulerConfig(max_running=2, prefill_chunk=16, idle_prefill_chunk=16)
     _run(Scheduler(chunked, FakeTokenizer(), config), [_request("a", prompt, sink, max_tokens=4)])
-    assert [shape for shape in chunked.forward_shapes if shape[1] > 1] == [(1, 16)] * 10
+    # the prompt's last token runs as the first decode step (it gives the first logits)
+    assert chunked.forward_shapes == [(1, 16)] * 9 + [(1, 15)] + [(1, 1)] * 4
     idle = FakeModel(max_seq_len=256)
     config = SchedulerConfig(max_running=2, prefill_chunk=16, idle_prefill_chunk=100)
     _run(Scheduler(idle, FakeTokenizer(), config), [_request("b", prompt, sink, max_tokens=4)])
-    # nothing decodes while the prompt is read: 100 tokens, then the last 60
-    assert [shape for shape in idle.forward_shapes if shape[1] > 1] == [(1, 100), (1, 60)]
+    # nothing decodes while the prompt is read: 100 tokens, then 59, then the last one
+    assert idle.forward_shapes == [(1, 100), (1, 59)] + [(1, 1)] * 4
     assert _text(sink["b"]) == _text(sink["a"])
     with pytest.raises(EngineError, match="idle_prefill_chunk must be >= 1, got 0"):
         Scheduler(idle, FakeTokenizer(), SchedulerConfig(max_running=2, idle_prefill_chunk=0))
@@ -311,3 +315,26 @@ def test_seeded_sampling_is_reproducible_and_batch_independent() -> None:
         return _text(sink["r0"])
 
     assert run(1) == run(4)
+
+
+def test_a_prompt_read_from_cache_but_its_last_token_needs_no_prefill_forward() -> None:
+    """The last prompt token always runs as a decode step: a 1-token prompt, or one whose
+    other tokens are all cached, goes straight to decoding, with the same output."""
+    system = _prompt(64, 4)
+    sink: dict[str, list[RequestOutput]] = {}
+    _run(
+        Scheduler(FakeModel(), FakeTokenizer()), [_request("ref", [*system, 9], sink, max_tokens=5)]
+    )
+    model = FakeModel()
+    scheduler = Scheduler(model, FakeTokenizer(), SchedulerConfig(max_running=4, prefill_chunk=64))
+    _run(scheduler, [_request("a", [*system, 1], sink, max_tokens=3)])
+    model.forward_shapes.clear()
+    _run(scheduler, [_request("b", [*system, 9], sink, max_tokens=5)])
+    assert sink["b"][-1].cached_tokens == 64
+    assert model.forward_shapes == [(1, 1)] * 5
+    assert _text(sink["b"]) == _text(sink["ref"])
+
+    one = FakeModel()
+    _run(Scheduler(one, FakeTokenizer()), [_request("c", [7], sink, max_tokens=3)])
+    assert one.forward_shapes == [(1, 1)] * 3
+    assert sink["c"][-1].completion_tokens == 3 and sink["c"][-1].prompt_tokens == 1

@@ -57,25 +57,28 @@ def _run(scheduler: Scheduler, prompts: list[list[int]], max_tokens: int) -> lis
     return finals
 
 
-def test_greedy_output_alone_equals_batched_with_seven_others(smollm2_int8: LoadedModel) -> None:
-    tokenizer = smollm2_int8.tokenizer
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_greedy_output_alone_equals_batched_with_seven_others(
+    quant: str, request: pytest.FixtureRequest
+) -> None:
+    loaded: LoadedModel = request.getfixturevalue(f"smollm2_{quant}")
+    tokenizer = loaded.tokenizer
     # seven chat prompts of different lengths and a bare 3-token one (shorter than a
     # decode step's attention takes, so its prefill is padded when alone)
-    prompts = [_prompt(smollm2_int8, i) for i in range(7)] + [tokenizer.encode("Bees make")]
+    prompts = [_prompt(loaded, i) for i in range(7)] + [tokenizer.encode("Bees make")]
     assert len({len(p) for p in prompts}) == 8
     assert max(len(p) for p in prompts) > 64  # so the 64-token chunking splits some prompts
     assert len(prompts[-1]) <= SMALL_T_ATTENTION
 
     def scheduler() -> Scheduler:
-        return Scheduler(
-            smollm2_int8.model, tokenizer, SchedulerConfig(max_running=8, prefill_chunk=64)
-        )
+        return Scheduler(loaded.model, tokenizer, SchedulerConfig(max_running=8, prefill_chunk=64))
 
     # Alone, a prompt is prefilled in one forward; batched, in 64-token chunks beside
     # others, padded to the longest. The numbers must not care: attention reads whole
-    # key blocks and prompt chunks take the int8 linears' dense path whatever the batch.
+    # key blocks and prompt chunks take the quantized linears' dense path whatever the
+    # batch. Prompt 3 is one int4 departed on at token 16 when its chunks took the kernel.
     batched = _run(scheduler(), prompts, max_tokens=32)
-    for target in (5, 7):  # a long prompt that needs several chunks; the short one
+    for target in (3, 5, 7):  # long prompts that need several chunks; the short one
         alone = _run(scheduler(), [prompts[target]], max_tokens=32)[0]
         assert batched[target].token_ids == alone.token_ids, f"prompt {target}"
         assert alone.text.strip() and len(alone.token_ids) > 12
