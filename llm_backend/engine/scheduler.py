@@ -6,10 +6,13 @@ Each ``step()``:
 1. admits waiting requests into free cache slots, reusing cached KV of the longest
    block-aligned prompt prefix another slot holds (in place for a free slot, or by
    ``model.copy_slot_prefix`` from a running one);
-2. runs ONE batched decode forward over every request past its prompt, (B, 1);
+2. runs ONE batched decode forward over every request whose prompt is cached up to its
+   last token, (B, 1): a prompt's last token runs here, beside the running rows, and
+   gives its first token, so every sampled token's logits come from the decode path;
 3. runs ONE batched prefill forward over the next chunks of prompts still being read
-   (at most ``prefill_chunk`` padded tokens), so long prompts never stall decodes;
-   with nothing decoding, ``idle_prefill_chunk`` (a lone prompt goes in one forward).
+   (all but their last token; at most ``prefill_chunk`` padded tokens), so long prompts
+   never stall decodes; with nothing decoding, ``idle_prefill_chunk`` (a lone prompt
+   goes in one forward).
 
 Per token, a request stops on eos / ``stop_token_ids``, stop strings (matched on the
 detokenized text across token boundaries and trimmed), a finished grammar,
