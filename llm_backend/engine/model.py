@@ -794,11 +794,13 @@ class Transformer(nn.Module):
         stays the argmax whatever float32 says (recomputing every top logit exposed
         bf16-level differences between a prompt prefilled alone and beside others).
         The cost is one top-k and ``TIED_LOGITS`` dot products a row, with no host sync.
-        Float32 and fp16 projections (float32 logits) are returned as they are.
+        Float32, fp16 and two-limb int8 projections (float32 logits,
+        ``quantize.two_limb_matmul``) are returned as they are.
         """
         out = self.output
         bf16_linear = isinstance(out, nn.Linear) and out.weight.dtype == torch.bfloat16
-        if not (isinstance(out, Int8Linear) or bf16_linear):
+        int8_bf16 = isinstance(out, Int8Linear) and not out.two_limb(logits.device.type)
+        if not (int8_bf16 or bf16_linear):
             return logits
         values, top = logits.topk(min(TIED_LOGITS, logits.shape[-1]), dim=-1)  # (B, T, k)
         best = values[..., :1]  # (B, T, 1)

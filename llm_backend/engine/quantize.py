@@ -96,8 +96,25 @@ def cpu_description() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs, {bf16}"
 
 
-# A constant, not a call in forward: torch.compile would break its graph at every linear.
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX),
+    which ``torch._int_mm`` needs to be fast: elsewhere it is far slower than the
+    weight-only int8 kernel (a reference loop: 13 ms for SmolLM2's vocab projection of
+    one row, measured on an older build)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return False
+
+
+# Constants, not calls in forward: torch.compile would break its graph at every linear.
 _CPU_NATIVE_BF16 = cpu_has_native_bf16()
+_CPU_INT8_DOT = cpu_has_int8_dot()
 
 
 def _dense_dtype(x: Tensor) -> torch.dtype:
@@ -254,13 +271,25 @@ class Int8Linear(nn.Module):
         self.scales: Tensor
         self.bias: Tensor | None
 
+    def two_limb(self, device_type: str) -> bool:
+        """Whether ``forward`` runs through ``two_limb_matmul`` on a ``device_type``
+        device: a wide weight (the vocab projection) on a CPU with int8 dot products."""
+        return device_type == "cpu" and _CPU_INT8_DOT and self.out_features >= WIDE_OUT_FEATURES
+
     def dense_from_rows(self, dtype: torch.dtype, device_type: str = "cpu") -> int | None:
         """The row count from which ``forward`` multiplies densely for activations of
-        ``dtype`` (below it, the int8 kernel); None: always dense."""
+        ``dtype`` (below it, the int8 kernel); None: one path for every row count."""
+        if self.two_limb(device_type):
+            return None
         return dense_min_rows(_dense_dtype_for(dtype, device_type), out_features=self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
+        if self.two_limb(x2.device.type):
+            y = two_limb_matmul(x2, self.weight, self.scales)  # (M, N) float32
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         dense = _dense_dtype(x2)
         # A prompt chunk (several tokens a row) goes dense however few its rows: the
         # kernel and the dense path round differently, and a prompt's numbers must not
@@ -281,6 +310,41 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def two_limb_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """``x @ (weight * scales[:, None]).T`` in int8 arithmetic, more exact than bf16.
+
+    Each row of x is split into two int8 limbs, x ≈ s1 * q1 + s2 * q2 with s1 = max|x| /
+    127 and s2 = s1 / 254 (q2 quantizes what q1 leaves), both stacked as 2M rows of one
+    ``torch._int_mm`` (int32 sums, exact), then combined and scaled in float32. About
+    15 bits of each row, against bf16's 8; no weight copy (the (N, K) int8 codes are
+    read as a transposed view). Per row and exact in its sums, so a row's logits do not
+    depend on its batch. For SmolLM2's vocab projection (49,152 x 576) on the Zen 4 kind
+    an int8 GEMM runs at 750-800 GOP/s: eager, 8 rows 3.6 ms against the int8 kernel's
+    6.1, 16 rows 5.1 against the dense path's 7.3, 32 rows 8.2 against 10.0 (1 row: 2.0
+    against 1.4); SmolLM2 int4 against fp32 on the docs text: greedy agreement 0.973 ->
+    0.977, ppl +0.15% -> +0.06%. Used for the wide (vocab) projection only: for the
+    per-layer weights the int4 / int8 kernels win at decode sizes.
+
+    Args:
+        x: Activations, (M, K) float.
+        weight: (N, K) int8 codes.
+        scales: (N,) per-output-channel scales.
+
+    Returns:
+        (M, N) float32.
+    """
+    xf = x.float()  # (M, K)
+    s1 = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0  # (M, 1)
+    q1 = (xf / s1).round()  # in [-127, 127]
+    s2 = s1 / 254.0
+    q2 = ((xf - q1 * s1) / s2).round().clamp(-127, 127)  # the residual, |r| <= s1 / 2
+    limbs = torch.cat((q1, q2)).to(torch.int8)  # (2M, K)
+    sums = torch._int_mm(limbs, weight.t())  # (2M, N) int32
+    M = x.shape[0]
+    y = torch.addcmul(sums[:M].float() * s1, sums[M:].float(), s2)  # (M, N)
+    return y * scales.float()
 
 
 class Int8Embedding(nn.Module):

@@ -150,9 +150,11 @@ def test_stop_token_ids_and_stop_strings_end_a_row(smollm2_fp32: LoadedModel) ->
 
 
 def test_int4_greedy_answer_is_not_decided_by_a_bf16_tie(smollm2_gguf_path: Path) -> None:
-    """The int4 model's logits are bf16: "The" and "L" tied at 25.25 as the first token
+    """The int4 model's logits were bf16: "The" and "L" tied at 25.25 as the first token
     of this answer and the lower id won ("L'Étoile, la Marseillaise, ..."); float32
-    tells them apart ("The" leads by 0.08), as the fp32, bf16 and int8 models answer."""
+    tells them apart ("The" leads by 0.08), as the fp32, bf16 and int8 models answer.
+    (On a CPU with int8 dot products the vocab projection's logits are float32 now,
+    ``two_limb_matmul``; elsewhere ``break_logit_ties`` settles the tie.)"""
     loaded = load_model(smollm2_gguf_path, quant="auto", max_batch=1, max_seq_len=256)
     assert loaded.quant == "int4"
     ids = _chat_ids(loaded, PROMPTS[0])

@@ -21,6 +21,7 @@ from llm_backend.engine.quantize import (
     quantize_int4_grouped,
     quantize_int8_per_channel,
     quantize_model,
+    two_limb_matmul,
 )
 
 TEXT_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "docs-samples" / "rst"
@@ -76,9 +77,11 @@ def test_int8_dense_path_dequantizes_a_large_weight_in_row_blocks(
 def test_a_wide_int8_weight_goes_dense_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
     """The vocab projection's int8 weight (16,384+ output rows) leaves the int8 kernel
     from ``WIDE_DEQUANT_MIN_ROWS`` bf16 rows, a narrow one from ``DEQUANT_MIN_ROWS``;
-    both paths give the dequantized weight's product."""
+    both paths give the dequantized weight's product (on a CPU without int8 dot products;
+    with them the wide weight takes ``two_limb_matmul``)."""
     import llm_backend.engine.quantize as quantize_module
 
+    monkeypatch.setattr(quantize_module, "_CPU_INT8_DOT", False)
     torch.manual_seed(6)
     wide = Int8Linear(nn.Linear(32, quantize_module.WIDE_OUT_FEATURES, bias=False))
     narrow = Int8Linear(nn.Linear(32, 64, bias=False))
@@ -377,3 +380,36 @@ def test_bf16_decode_rows_past_the_threshold_multiply_densely_in_a_native_dtype(
         assert out.dtype == (torch.bfloat16 if native else torch.float32)
         expected = layer(x.float())  # the float32 dense path on the same rows
         torch.testing.assert_close(out.float(), expected.float(), atol=0.05, rtol=0.05)
+
+
+def test_two_limb_matmul_is_closer_than_bf16_and_per_row_exact() -> None:
+    """The vocab projection's int8 x int8 product: nearer the float64 result than the
+    int8 kernel with bf16 activations, and a row's output is the same bits alone and
+    inside any batch (its sums are exact int32)."""
+    torch.manual_seed(3)
+    weight = torch.randint(-127, 128, (512, 96), dtype=torch.int8)
+    scales = torch.rand(512) / 100 + 1e-3
+    x = torch.randn(33, 96) * torch.logspace(-2, 1, 96)  # columns of very different sizes
+    exact = x.double() @ (weight.double() * scales.double()[:, None]).T
+    two_limb = two_limb_matmul(x, weight, scales)
+    assert two_limb.dtype == torch.float32
+    kernel = torch._weight_int8pack_mm(x.bfloat16(), weight, scales.bfloat16()).double()
+    two_limb_error = (two_limb.double() - exact).abs().max().item()
+    kernel_error = (kernel - exact).abs().max().item()
+    assert two_limb_error < kernel_error / 20
+    for rows in (slice(0, 1), slice(5, 13), slice(32, 33)):
+        assert torch.equal(two_limb_matmul(x[rows], weight, scales), two_limb[rows])
+
+
+def test_wide_int8_linear_takes_the_two_limb_path_on_a_cpu_with_int8_dot() -> None:
+    import llm_backend.engine.quantize as quantize_module
+
+    wide = Int8Linear(nn.Linear(64, quantize_module.WIDE_OUT_FEATURES, bias=False))
+    narrow = Int8Linear(nn.Linear(64, 256, bias=False))
+    assert not narrow.two_limb("cpu") and not wide.two_limb("cuda")
+    assert wide.two_limb("cpu") == quantize_module.cpu_has_int8_dot()
+    if wide.two_limb("cpu"):
+        assert wide.dense_from_rows(torch.bfloat16) is None  # one path for every batch
+        x = torch.randn(3, 1, 64)
+        expected = two_limb_matmul(x.view(3, 64), wide.weight, wide.scales)
+        assert torch.equal(wide(x).view(3, -1), expected)
