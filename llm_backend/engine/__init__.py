@@ -4,7 +4,7 @@ Public surface (the scheduler and server build on these):
 
 - ``load_model(path, quant=..., max_batch=..., max_seq_len=...) -> LoadedModel``
 - ``Transformer.forward(tokens, input_pos, slots, last_only=..., kv_len=...)``,
-  ``Transformer.setup_caches``, ``Transformer.copy_slot_prefix``
+  ``Transformer.fill_cache``, ``Transformer.setup_caches``, ``Transformer.copy_slot_prefix``
 - ``prefill``, ``decode_one_token``, ``generate``
 - ``SamplingParams``, ``BatchSamplingTensors``, ``make_generators``, ``sample``,
   ``top_logprobs``; ``quantize_model``

@@ -132,7 +132,7 @@ def generate(
         tokens = torch.tensor([ids[:-1]], dtype=torch.long, device=device)  # (1, L-1)
         positions = torch.arange(len(ids) - 1, device=device)[None]  # (1, L-1)
         slot = torch.tensor([row], device=device)
-        prefill(model, tokens, positions, slot, kv_len=len(ids) - 1)
+        model.fill_cache(tokens, positions, slot, kv_len=len(ids) - 1)
     last = torch.tensor([[ids[-1]] for ids in prompt_ids_list], device=device)  # (B, 1)
     last_pos = torch.tensor([[n - 1] for n in lengths], device=device)  # (B, 1)
     logits = model(last, last_pos, None, kv_len=max(lengths))[:, -1]  # (B, V)

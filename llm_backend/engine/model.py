@@ -606,6 +606,43 @@ class Transformer(nn.Module):
         Returns:
             Float logits, (B, T, V) or (B, 1, V) with ``last_only``.
         """
+        S, slot_index, first_slot = self._step_args(tokens, slots, kv_len, first_slot)
+        aot = self._aot_decode
+        if aot is not None and tokens.shape[1] == 1 and aot.covers(tokens.shape[0], S):
+            # One new token per row: last_only changes nothing (logits_index is 0).
+            return aot(tokens, input_pos, slot_index[:, 0], S)
+        if self._compiled_run is not None and tokens.shape[1] <= SMALL_T_ATTENTION:
+            first_slot = 0 if slots is None else None  # the graphs warm_up_decode built
+            return self._compiled_run(
+                tokens, input_pos, slot_index, first_slot, S, last_only, logits_index, compiled=True
+            )
+        return self._run(tokens, input_pos, slot_index, first_slot, S, last_only, logits_index)
+
+    def fill_cache(
+        self,
+        tokens: Tensor,  # (B, T) long
+        input_pos: Tensor,  # (B, T) long
+        slots: Tensor | None = None,  # (B,) long; None = row b uses slot b
+        *,
+        kv_len: int | None = None,
+        first_slot: int | None = None,
+    ) -> None:
+        """``forward`` for its cache writes only: a prefill whose logits nobody samples
+        (a prompt's last token runs as a decode step), so the final norm, the vocab
+        projection and the tie check are skipped. Arguments as in ``forward``."""
+        if tokens.shape[1] <= SMALL_T_ATTENTION:  # compiled steps make logits anyway
+            self.forward(
+                tokens, input_pos, slots, last_only=True, kv_len=kv_len, first_slot=first_slot
+            )
+            return
+        S, slot_index, first_slot = self._step_args(tokens, slots, kv_len, first_slot)
+        self._run(tokens, input_pos, slot_index, first_slot, S, logits=False)
+
+    def _step_args(
+        self, tokens: Tensor, slots: Tensor | None, kv_len: int | None, first_slot: int | None
+    ) -> tuple[int, Tensor, int | None]:
+        """``forward``'s arguments as ``_run`` takes them: the attended length S (whole
+        key blocks), the (B, 1) slot of each row, and ``first_slot``."""
         if self.max_seq_len == 0:
             raise EngineError(_NO_CACHE)
         S = self.max_seq_len if kv_len is None else min(kv_len, self.max_seq_len)
@@ -617,16 +654,7 @@ class Transformer(nn.Module):
         slot_index = (
             slots if slots is not None else torch.arange(tokens.shape[0], device=tokens.device)
         )[:, None]  # (B, 1)
-        aot = self._aot_decode
-        if aot is not None and tokens.shape[1] == 1 and aot.covers(tokens.shape[0], S):
-            # One new token per row: last_only changes nothing (logits_index is 0).
-            return aot(tokens, input_pos, slot_index[:, 0], S)
-        if self._compiled_run is not None and tokens.shape[1] <= SMALL_T_ATTENTION:
-            first_slot = 0 if slots is None else None  # the graphs warm_up_decode built
-            return self._compiled_run(
-                tokens, input_pos, slot_index, first_slot, S, last_only, logits_index, compiled=True
-            )
-        return self._run(tokens, input_pos, slot_index, first_slot, S, last_only, logits_index)
+        return S, slot_index, first_slot
 
     def use_aot_decode(self, decode: AotDecode | None) -> None:
         """Run steps of one new token per row through ``decode`` (compiled ahead of time
@@ -742,9 +770,11 @@ class Transformer(nn.Module):
         logits_index: Tensor | None = None,  # (B,)
         *,
         compiled: bool = False,
+        logits: bool = True,
     ) -> Tensor:
         """The forward pass proper (``forward`` checks arguments and picks eager or
-        compiled). ``compiled``: traced for compilation (the decode attention's form)."""
+        compiled). ``compiled``: traced for compilation (the decode attention's form).
+        ``logits=False`` (``fill_cache``): the last layer's output, (B, T, D), instead."""
         B = tokens.shape[0]
         # The residual stream stays float32 whatever the weights' dtype: summing 30
         # layers' outputs in bf16 costs accuracy, and the extra casts are cheap.
@@ -774,6 +804,8 @@ class Transformer(nn.Module):
         )
         for layer in self.layers:
             x = layer(x, step)  # (B, T, D)
+        if not logits:
+            return x
         if last_only:
             if logits_index is None:
                 x = x[:, -1:]  # (B, 1, D)

@@ -430,13 +430,8 @@ class Scheduler:
         # Only the cache is wanted: a prompt's last token runs as a decode step, so the
         # first token's logits come from the path every later token takes (the int4
         # kernel's float32 weights, not the dense path's bf16-rounded ones).
-        self.model(
-            tokens,
-            input_pos,
-            slots,
-            last_only=True,
-            kv_len=kv_len,
-            first_slot=_first_of_run(slot_ids),
+        self.model.fill_cache(
+            tokens, input_pos, slots, kv_len=kv_len, first_slot=_first_of_run(slot_ids)
         )
         if len(chunks) * width >= _TRIM_AFTER_PREFILL_TOKENS:
             # a long prompt's activations are freed now; glibc would keep their pages

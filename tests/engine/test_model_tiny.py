@@ -148,6 +148,30 @@ def test_last_only_and_logits_index(tiny_gguf: Callable[..., Path]) -> None:
     torch.testing.assert_close(picked[:, 0], torch.stack((full[0, 2], full[1, 4])))
 
 
+@pytest.mark.parametrize("prompt_len", [7, 3])  # a prefill forward; a few-token step
+def test_fill_cache_writes_what_forward_writes(
+    tiny_gguf: Callable[..., Path], prompt_len: int
+) -> None:
+    """``fill_cache`` (a prefill whose logits nobody samples) leaves the cache as
+    ``forward`` does, and the next token's logits are the same."""
+    loaded = load_model(tiny_gguf(), quant="fp32", max_batch=2, max_seq_len=32)
+    model = loaded.model
+    ids = torch.tensor([TOKENS[:prompt_len]])
+    pos = torch.arange(prompt_len)[None]
+    step = (torch.tensor([[TOKENS[prompt_len]]]), torch.tensor([[prompt_len]]))
+    with torch.no_grad():
+        model(ids, pos, torch.tensor([0]), kv_len=prompt_len)
+        want = model(*step, torch.tensor([0]), kv_len=prompt_len + 1)
+        model.fill_cache(ids, pos, torch.tensor([1]), kv_len=prompt_len)
+        got = model(*step, torch.tensor([1]), kv_len=prompt_len + 1)
+    for block in model.blocks():
+        cache = block.attention.kv_cache
+        assert cache is not None
+        assert torch.equal(cache.k_cache[0], cache.k_cache[1])
+        assert torch.equal(cache.v_cache[0], cache.v_cache[1])
+    assert torch.equal(got, want)
+
+
 def test_forward_without_setup_caches_is_a_clear_error(tiny_gguf: Callable[..., Path]) -> None:
     from llm_backend.engine.errors import EngineError
     from llm_backend.engine.gguf_reader import GGUFFile

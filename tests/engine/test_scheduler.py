@@ -63,6 +63,9 @@ class FakeModel:
             logits = logits[torch.arange(B), index].unsqueeze(1)
         return logits
 
+    def fill_cache(self, tokens, input_pos, slots=None, *, kv_len=None, first_slot=None):
+        self(tokens, input_pos, slots, kv_len=kv_len, first_slot=first_slot)
+
     def copy_slot_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
         self.copies.append((src_slot, dst_slot, length))
         self.cache[dst_slot, :length] = self.cache[src_slot, :length]
