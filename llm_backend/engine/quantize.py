@@ -81,17 +81,22 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def cpu_description() -> str:
-    """One line naming this CPU (for benchmark output: figures compare only on one CPU)."""
-    name = platform.processor() or platform.machine()
+def _cpuinfo_field(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo, or None (no such file or
+    line: not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_description() -> str:
+    """One line naming this CPU (for benchmark output: figures compare only on one CPU)."""
+    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
     return f"{name}, {os.cpu_count()} logical CPUs, {bf16}"
 
@@ -101,15 +106,8 @@ def cpu_has_int8_dot() -> bool:
     which ``torch._int_mm`` needs to be fast: elsewhere it is far slower than the
     weight-only int8 kernel (a reference loop: 13 ms for SmolLM2's vocab projection of
     one row, measured on an older build)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    except OSError:
-        pass
-    return False
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 # Constants, not calls in forward: torch.compile would break its graph at every linear.
@@ -469,10 +467,10 @@ class Int4Linear(nn.Module):
         """The (N, K) weight in ``dtype`` that the fallback and prefill paths multiply with:
         (q - 8) * scale + zero. From the kernel's layout it is a transposed view of a
         (K, N) tensor (``F.linear`` takes either at the same speed)."""
-        N, K = self.out_features, self.in_features
-        G, gs = K // self.group_size, self.group_size
         if self.codes is None:
             return self._dequantized_from_pack(dtype).t()  # (N, K) view
+        N, K = self.out_features, self.in_features
+        G, gs = K // self.group_size, self.group_size
         # (N, G, 2), contiguous so the result is laid out like q (small: N * G pairs)
         scales_and_zeros = self.scales_and_zeros.to(dtype).transpose(0, 1).contiguous()
         scales = scales_and_zeros[..., 0:1]  # (N, G, 1)
@@ -491,7 +489,7 @@ class Int4Linear(nn.Module):
         a float32 multiply-add with the (G, N) scales and offsets (rows of W^T) and one
         cast, a few groups of rows at a time (``_DEQUANT_CHUNK_BYTES`` of float32).
         Same bits as multiplying the codes in row order. SmolLM2's four weight shapes,
-        Zen 4 kind: 2.2 -> 1.3 ms a layer, a 512-token prefill 498 -> 449 ms.
+        Zen 4 kind: 2.2 -> 1.3 ms a layer, a 512-token prefill 521 -> 468 ms.
         """
         N, K = self.out_features, self.in_features
         gs, BN = self.group_size, _INT4PACK_BLOCK_N
