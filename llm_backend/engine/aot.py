@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from llm_backend.engine.cpu_kernels import load_cpu_kernels
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.quantize import Int4Linear, Int8Linear
 
@@ -98,7 +99,9 @@ def package_key(path: Path, quant: str, max_batch: int, max_seq_len: int) -> str
         _cpu_signature(),
     ):
         digest.update(f"{part}\n".encode())
-    for source in sorted(_ENGINE_DIR.glob("*.py")):  # the engine's code shapes the graph
+    # the engine's code shapes the graph, and its C++ kernels are called from it
+    digest.update(f"cpu kernels: {load_cpu_kernels()}\n".encode())
+    for source in sorted([*_ENGINE_DIR.glob("*.py"), *_ENGINE_DIR.glob("csrc/*")]):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:24]
 
@@ -384,6 +387,7 @@ class AotDecode:
             ]:
                 raise EngineError(f"{folder} does not match the model (tensor {name}); delete it")
         group_size = torch.tensor(manifest["group_size"] or 0, dtype=torch.int64)
+        load_cpu_kernels()  # the steps may call ragloom's operators (the key says whether)
         runners = []
         for package in manifest["packages"]:
             try:

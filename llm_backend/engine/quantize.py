@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_backend.engine.cpu_kernels import INT4_BF16_BLOCK_N, load_cpu_kernels
 from llm_backend.engine.errors import EngineError
 from llm_backend.threads import run_on_fresh_thread
 
@@ -451,6 +452,14 @@ class Int4Linear(nn.Module):
         if self.use_kernel:
             packed = torch._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES)
         self.register_buffer("weight", packed)  # (N, K/2) uint8, the kernel's layout
+        # ragloom's bf16-dot kernel reads that layout as packed on AVX-512 (64-row blocks)
+        self.bf16_dot = bool(
+            self.use_kernel
+            and _INT4PACK_BLOCK_N == INT4_BF16_BLOCK_N
+            and N % INT4_BF16_BLOCK_N == 0
+            and group_size % 2 == 0
+            and load_cpu_kernels()
+        )
         codes = None
         if not (self.use_kernel and _INT4PACK_UNPACKS and N % _INT4PACK_BLOCK_N == 0):
             nibbles = q.to(torch.uint8).reshape(N, K // 2, 2)  # low nibble first
@@ -534,9 +543,17 @@ class Int4Linear(nn.Module):
         # logits are sampled, runs as a decode step through the kernel (scheduler).
         chunk = x.dim() == 3 and x.shape[1] > 1
         if self.use_kernel and not chunk and x2.shape[0] < dense_min_rows(dense, int4=True):
-            y = torch._weight_int4pack_mm_for_cpu(
-                _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
-            )  # (M, N) bf16, like Int8Linear's kernel path
+            if self.bf16_dot:  # exact products, float32 sums (cpu_kernels)
+                y = torch.ops.ragloom.int4_bf16_mm(
+                    _kernel_input(x2).contiguous(),
+                    self.weight,
+                    self.scales_and_zeros,
+                    self.group_size,
+                )  # (M, N) bf16
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(
+                    _kernel_input(x2), self.weight, self.group_size, self.scales_and_zeros
+                )  # (M, N) bf16, like Int8Linear's kernel path
         else:  # a dense matmul (the kernel is slow for many rows)
             y = F.linear(as_dtype(x2, dense), self.dequantized_weight(dense))  # (M, N)
         if self.bias is not None:
@@ -546,7 +563,8 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"int4 group_size={self.group_size}, kernel={self.use_kernel}"
+            f"int4 group_size={self.group_size}, kernel={self.use_kernel}, "
+            f"bf16_dot={self.bf16_dot}"
         )
 
 

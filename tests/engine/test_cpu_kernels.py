@@ -1,0 +1,139 @@
+"""ragloom's C++ CPU kernel: the int4 x bf16 matmul on bf16 dot products."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import llm_backend.engine.quantize as quantize_module
+from llm_backend.engine.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
+from llm_backend.engine.quantize import Int4Linear, quantize_int4_grouped
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_has_bf16_dot(), reason="the kernel needs AVX512-BF16 (the Zen 4 kind has it)"
+)
+
+
+def _packed_weight(N: int, K: int, group_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(codes q, (G, N, 2) bf16 scales and zeros, the kernel's packing, float64 W)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(N, K, generator=generator) * 0.05
+    q, scales, zeros = quantize_int4_grouped(weight, group_size)
+    scales_and_zeros = torch.stack((scales, zeros), -1).bfloat16().transpose(0, 1).contiguous()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    pairs = scales_and_zeros.double().repeat_interleave(group_size, dim=0)  # (K, N, 2)
+    exact = (q.double() - 8) * pairs[..., 0].T + pairs[..., 1].T  # (N, K) float64
+    return q, scales_and_zeros, packed, exact
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("N", "K", "group_size"), [(576, 576, 32), (192, 1536, 32), (128, 256, 64)]
+)
+def test_int4_bf16_mm_is_the_exact_product_rounded_once_and_batch_independent(
+    N: int, K: int, group_size: int
+) -> None:
+    """Each output is within float32 summation error of the float64 product, rounded
+    to bf16 once; a row's bits are the same alone and among 1-32 rows (whatever row
+    blocks the kernel cuts them into)."""
+    assert load_cpu_kernels()
+    _, scales_and_zeros, packed, exact = _packed_weight(N, K, group_size, seed=N + K)
+    x = torch.randn(32, K, generator=torch.Generator().manual_seed(7)).bfloat16()
+    y = torch.ops.ragloom.int4_bf16_mm(x, packed, scales_and_zeros, group_size)
+    assert y.shape == (32, N) and y.dtype == torch.bfloat16
+    reference = x.double() @ exact.T  # (32, N)
+    bound = x.double().abs() @ exact.abs().T
+    error = (y.double() - reference).abs()
+    assert bool((error <= reference.abs() * 2**-8 + bound * 1e-6).all()), float(error.max())
+    for rows in (1, 5, 6, 7, 13):
+        part = torch.ops.ragloom.int4_bf16_mm(
+            x[:rows].contiguous(), packed, scales_and_zeros, group_size
+        )
+        assert torch.equal(part, y[:rows]), rows
+
+
+@needs_kernel
+def test_int4_bf16_mm_is_closer_than_pytorchs_float32_kernel() -> None:
+    """Exact products summed per group: at least as close to the float64 product as
+    PyTorch's kernel (float32 weights, float32 FMAs), on the same bf16 outputs."""
+    assert load_cpu_kernels()
+    _, scales_and_zeros, packed, exact = _packed_weight(960, 576, 32, seed=3)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(4)).bfloat16()
+    reference = x.double() @ exact.T
+    ours = torch.ops.ragloom.int4_bf16_mm(x, packed, scales_and_zeros, 32)
+    pytorch = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_zeros)
+    ours_error = (ours.double() - reference).abs().mean()
+    pytorch_error = (pytorch.double() - reference).abs().mean()
+    assert ours_error <= pytorch_error * 1.02, (ours_error, pytorch_error)
+
+
+@needs_kernel
+def test_int4_linear_decodes_through_the_bf16_kernel_and_prefills_densely() -> None:
+    torch.manual_seed(5)
+    linear = nn.Linear(576, 192, bias=True).requires_grad_(False)
+    layer = Int4Linear(linear, 32)
+    assert layer.bf16_dot and "bf16_dot=True" in repr(layer)
+    x = torch.randn(8, 1, 576).bfloat16()  # decode: one new token per row
+    direct = torch.ops.ragloom.int4_bf16_mm(
+        x.view(8, 576), layer.weight, layer.scales_and_zeros, 32
+    )
+    assert torch.equal(layer(x), (direct + layer.bias).view(8, 1, 192))
+    layer.bf16_dot = False  # PyTorch's kernel: the same weights, other rounding
+    fallback = torch._weight_int4pack_mm_for_cpu(
+        x.view(8, 576), layer.weight, 32, layer.scales_and_zeros
+    )
+    assert torch.equal(layer(x), (fallback + layer.bias).view(8, 1, 192))
+    torch.testing.assert_close(direct.float(), fallback.float(), atol=0.02, rtol=0.02)
+
+
+def test_a_weight_the_kernel_cannot_read_keeps_pytorchs_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Output rows that are not whole 64-row blocks of the packing, or no kernels at
+    all, leave the linear on PyTorch's kernel."""
+    torch.manual_seed(6)
+    assert not Int4Linear(nn.Linear(64, 96, bias=False), 32).bf16_dot  # 96 % 64
+    monkeypatch.setattr(quantize_module, "load_cpu_kernels", lambda: False)
+    layer = Int4Linear(nn.Linear(64, 128, bias=False), 32)
+    assert not layer.bf16_dot
+    x = torch.randn(3, 64).bfloat16()
+    expected = torch._weight_int4pack_mm_for_cpu(x, layer.weight, 32, layer.scales_and_zeros)
+    assert torch.equal(layer(x), expected)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_the_kernel_library_is_built_once_and_loaded_from_the_cache(tmp_path: Path) -> None:
+    """A process with an empty cache builds the library; the next one loads it
+    (fresh processes: a library of operators loads once per process)."""
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "import torch\n"
+        "from llm_backend.engine.cpu_kernels import load_cpu_kernels\n"
+        "assert load_cpu_kernels()\n"
+        "x = torch.ones(1, 64, dtype=torch.bfloat16)\n"
+        "q = torch.full((64, 64), 9, dtype=torch.int32)  # q - 8 = 1\n"
+        "packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)\n"
+        "sz = torch.tensor([1.0, 0.5]).bfloat16().expand(2, 64, 2).contiguous()\n"
+        "print('sum', torch.ops.ragloom.int4_bf16_mm(x, packed, sz, 32)[0, 0].item())\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "sum 96.0" in run.stdout  # 64 * (1 * 1 + 0.5)
+    assert "building ragloom's CPU kernels" in runs[0].stdout
+    assert "building" not in runs[1].stdout and "loaded ragloom's CPU kernels" in runs[1].stdout
+    [library] = (tmp_path / "ragloom" / "kernels").glob("*/ragloom_cpu_kernels.so")
+    assert not list(library.parent.parent.glob(".build-*"))  # no scratch folder left
