@@ -45,8 +45,11 @@ inline void load_scales(const at::BFloat16* pairs, __m512& scale, __m512& zero) 
   zero = _mm512_permutex2var_ps(a, odd, b);
 }
 
-// ROWS rows x 32 columns: columns col and col + 32 - 16 .. i.e. the low-nibble vector
-// (block columns d0 .. d0+15) and the high-nibble one (32+d0 .. 32+d0+15).
+// ROWS rows x 32 columns of one 64-column block: the low-nibble vector (block columns
+// d0 .. d0+15) and the high-nibble one (32+d0 .. 32+d0+15). Registers: 4 * ROWS
+// accumulators (a group's partial sums and the totals) + the two code vectors.
+// Measured on the Zen 4 kind: ROWS = 6 beat 4 and 8; decoding a unit's codes once into
+// a bf16 panel for all the row blocks (instead of per call) was within noise.
 template <int ROWS>
 void micro_kernel(
     const at::BFloat16* x, int64_t ldx,      // (ROWS, K) rows
