@@ -1,14 +1,20 @@
 """ragloom's own C++ CPU kernels, compiled on first use and cached.
 
-One kernel so far, ``torch.ops.ragloom.int4_bf16_mm(x, packed, scales_and_zeros,
-group_size)`` (``csrc/int4_bf16_mm.cpp``): the int4 linears' decode matmul on the
-AVX512-BF16 dot product (``vdpbf16ps``). PyTorch's CPU int4 kernel widens each weight
-to float32 and multiplies with float32 FMAs, half the rate of bf16 dot products on a
-CPU that has them. This one reads the same packed codes (no second copy), turns two
-input columns' codes into exact bf16 integers (q - 8) with one table lookup, sums
-each group's exact products in float32 and applies the group's scale and zero once:
-1.4-1.6x PyTorch's kernel for 1-8 rows and 1.7-2.2x for 32 on SmolLM2's shapes
-(Zen 4 kind), and a row's result does not depend on how many rows run beside it.
+The quantized linears' decode matmuls on the AVX512-BF16 dot product (``vdpbf16ps``),
+where PyTorch's CPU kernels widen each weight to float32 and multiply with float32
+FMAs, half the rate of bf16 dot products on a CPU that has them:
+
+- ``torch.ops.ragloom.int4_bf16_mm(x, packed, scales_and_zeros, group_size)``
+  (``csrc/int4_bf16_mm.cpp``) reads the codes as PyTorch's int4 kernel packs them (no
+  second copy), turns two input columns' codes into exact bf16 integers (q - 8) with
+  one table lookup, sums each group's exact products in float32 and applies the
+  group's scale and zero once: 1.4-1.6x PyTorch's kernel for 1-8 rows and 1.7-2.2x
+  for 32 on SmolLM2's shapes (Zen 4 kind).
+- ``torch.ops.ragloom.int8_bf16_mm(x, weight, scales)`` (``csrc/int8_bf16_mm.cpp``)
+  reads the (N, K) int8 codes as they are, converts them exactly to bf16 and sums the
+  exact products in float32, then scales each output.
+
+In both, a row's result does not depend on how many rows run beside it.
 
 The library is built with PyTorch's extension builder (g++ and ninja, ~10 s) into
 ``<cache>/<key>/``, the key hashing the source, the torch build and the flags, and is
@@ -19,6 +25,7 @@ returns False and the int4 linears keep PyTorch's kernel.
 Example:
     >>> if load_cpu_kernels():
     ...     y = torch.ops.ragloom.int4_bf16_mm(x, packed, scales_and_zeros, 32)
+    ...     y8 = torch.ops.ragloom.int8_bf16_mm(x, int8_codes, scales)
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).resolve().parent / "csrc" / "int4_bf16_mm.cpp",)
+_CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (_CSRC / "int4_bf16_mm.cpp", _CSRC / "int8_bf16_mm.cpp")
 LIBRARY_NAME = "ragloom_cpu_kernels"
 INT4_BF16_BLOCK_N = 64  # the output-row block of the int4 packing the kernel reads
+INT8_BF16_K_STEP = 32  # int8_bf16_mm: input columns a multiple of this
 # -fopenmp: at::parallel_for is inlined, and runs on one thread without it; the
 # GOMP symbols resolve to the libgomp torch loaded (one thread pool)
 CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
@@ -142,3 +151,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ragloom::int4_bf16_mm")
     def _(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
         return x.new_empty(x.shape[0], scales_and_zeros.shape[1])
+
+    @torch.library.register_fake("ragloom::int8_bf16_mm")
+    def _int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])

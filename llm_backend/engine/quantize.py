@@ -37,7 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm_backend.engine.cpu_kernels import INT4_BF16_BLOCK_N, load_cpu_kernels
+from llm_backend.engine.cpu_kernels import (
+    INT4_BF16_BLOCK_N,
+    INT8_BF16_K_STEP,
+    load_cpu_kernels,
+)
 from llm_backend.engine.errors import EngineError
 from llm_backend.threads import run_on_fresh_thread
 
@@ -58,6 +62,10 @@ DEQUANT_MIN_ROWS_FLOAT32 = 128
 # keeps pace with int8's, so int4 keeps the kernel to 128 rows in either dtype (Zen 4,
 # bf16, 32 rows: kernel 0.68 ms vs dense 2.66; 64 rows: 1.41 vs 2.70).
 INT4_DEQUANT_MIN_ROWS = 128
+# ragloom's int8 bf16-dot kernel (``cpu_kernels``) keeps pace with the dense path to
+# ~128 rows (SmolLM2 layer, Zen 4: 32 rows 0.80 ms vs dense 1.04, 64 rows 1.49-1.63 vs
+# 1.65-1.77), so an int8 linear that has it keeps it to 128 rows, as int4 does.
+BF16_DOT_DEQUANT_MIN_ROWS = 128
 # A wide int8 weight (the vocab projection) goes dense from 16 bf16 rows: the int8
 # kernel's time grows with the rows (it dequantizes per row block), the dense path's
 # hardly. SmolLM2's 49152 x 576 output on the Zen 4 kind: 16 rows 12.6 ms vs 7.0,
@@ -270,6 +278,8 @@ class Int8Linear(nn.Module):
         self.weight: Tensor
         self.scales: Tensor
         self.bias: Tensor | None
+        # ragloom's bf16-dot kernel for decode rows on a CPU (whole 32-column steps)
+        self.bf16_dot = self.in_features % INT8_BF16_K_STEP == 0 and load_cpu_kernels()
 
     def two_limb(self, device_type: str) -> bool:
         """Whether ``forward`` runs through ``two_limb_matmul`` on a ``device_type``
@@ -281,7 +291,16 @@ class Int8Linear(nn.Module):
         ``dtype`` (below it, the int8 kernel); None: one path for every row count."""
         if self.two_limb(device_type):
             return None
-        return dense_min_rows(_dense_dtype_for(dtype, device_type), out_features=self.out_features)
+        return self._dense_rows(_dense_dtype_for(dtype, device_type), device_type)
+
+    def _dense_rows(self, dense: torch.dtype, device_type: str) -> int:
+        rows = dense_min_rows(dense, out_features=self.out_features)
+        if self._uses_bf16_dot(device_type) and self.out_features < WIDE_OUT_FEATURES:
+            return max(rows, BF16_DOT_DEQUANT_MIN_ROWS)
+        return rows
+
+    def _uses_bf16_dot(self, device_type: str) -> bool:
+        return self.bf16_dot and device_type == "cpu"
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N), see _kernel_input
         x2 = x.reshape(-1, self.in_features)
@@ -295,13 +314,17 @@ class Int8Linear(nn.Module):
         # kernel and the dense path round differently, and a prompt's numbers must not
         # depend on what it is batched with (SmolLM2, 8 tokens: 38 ms either way).
         chunk = x.dim() == 3 and x.shape[1] > 1
-        if chunk or x2.shape[0] >= dense_min_rows(dense, out_features=self.out_features):
+        if chunk or x2.shape[0] >= self._dense_rows(dense, x2.device.type):
             # The codes convert exactly (|q| <= 128) and the scales apply to the output,
             # as in the kernel: a plain conversion is 4x faster than a mixed-dtype
             # multiply (49152 x 576 on the Zen 4 kind: 0.16 vs 0.72 ms per 4096 rows).
             y = _blocked_dense_matmul(
                 as_dtype(x2, dense), self.out_features, lambda rows: self.weight[rows].to(dense)
             ).mul_(as_dtype(self.scales, dense))  # (M, N)
+        elif self._uses_bf16_dot(x2.device.type):  # exact products, float32 sums
+            y = torch.ops.ragloom.int8_bf16_mm(
+                _kernel_input(x2).contiguous(), self.weight, self.scales
+            )  # (M, N) bf16
         else:  # bf16 out: the model's next op promotes it, a cast back would be wasted
             y = torch._weight_int8pack_mm(_kernel_input(x2), self.weight, self.scales)
         if self.bias is not None:
@@ -309,7 +332,10 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+            f"bf16_dot={self.bf16_dot}"
+        )
 
 
 def two_limb_matmul(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:

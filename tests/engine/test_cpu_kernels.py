@@ -1,4 +1,4 @@
-"""ragloom's C++ CPU kernel: the int4 x bf16 matmul on bf16 dot products."""
+"""ragloom's C++ CPU kernels: the int4 and int8 x bf16 matmuls on bf16 dot products."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from torch import nn
 
 import llm_backend.engine.quantize as quantize_module
 from llm_backend.engine.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
-from llm_backend.engine.quantize import Int4Linear, quantize_int4_grouped
+from llm_backend.engine.quantize import (
+    Int4Linear,
+    Int8Linear,
+    quantize_int4_grouped,
+    quantize_int8_per_channel,
+)
 
 needs_kernel = pytest.mark.skipif(
     not cpu_has_bf16_dot(), reason="the kernel needs AVX512-BF16 (the Zen 4 kind has it)"
@@ -90,6 +95,58 @@ def test_int4_linear_decodes_through_the_bf16_kernel_and_prefills_densely() -> N
     )
     assert torch.equal(layer(x), (fallback + layer.bias).view(8, 1, 192))
     torch.testing.assert_close(direct.float(), fallback.float(), atol=0.02, rtol=0.02)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("N", "K"), [(576, 576), (192, 1536), (101, 64)])
+def test_int8_bf16_mm_is_the_exact_product_rounded_once_and_batch_independent(
+    N: int, K: int
+) -> None:
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(N * K)
+    q, scales = quantize_int8_per_channel(torch.randn(N, K, generator=generator) * 0.05)
+    scales = scales.bfloat16()
+    exact = q.double() * scales.double()[:, None]  # (N, K)
+    x = torch.randn(32, K, generator=generator).bfloat16()
+    y = torch.ops.ragloom.int8_bf16_mm(x, q, scales)
+    assert y.shape == (32, N) and y.dtype == torch.bfloat16
+    reference = x.double() @ exact.T
+    bound = x.double().abs() @ exact.abs().T
+    error = (y.double() - reference).abs()
+    assert bool((error <= reference.abs() * 2**-8 + bound * 1e-6).all()), float(error.max())
+    for rows in (1, 5, 6, 7, 13):
+        assert torch.equal(
+            torch.ops.ragloom.int8_bf16_mm(x[:rows].contiguous(), q, scales), y[:rows]
+        )
+
+
+@needs_kernel
+def test_int8_linear_decodes_through_the_bf16_kernel() -> None:
+    torch.manual_seed(8)
+    layer = Int8Linear(nn.Linear(576, 192, bias=True).requires_grad_(False))
+    assert layer.bf16_dot and "bf16_dot=True" in repr(layer)
+    x = torch.randn(8, 1, 576).bfloat16()
+    direct = torch.ops.ragloom.int8_bf16_mm(x.view(8, 576), layer.weight, layer.scales)
+    assert torch.equal(layer(x), (direct + layer.bias).view(8, 1, 192))
+    layer.bf16_dot = False
+    fallback = torch._weight_int8pack_mm(x.view(8, 576), layer.weight, layer.scales)
+    assert torch.equal(layer(x), (fallback + layer.bias).view(8, 1, 192))
+    torch.testing.assert_close(direct.float(), fallback.float(), atol=0.02, rtol=0.02)
+    assert not Int8Linear(nn.Linear(48, 64)).bf16_dot  # 48 input columns: not whole 32s
+
+
+@needs_kernel
+def test_int8_linear_keeps_the_bf16_kernel_to_128_decode_rows() -> None:
+    """Past 32 rows (PyTorch's kernel's limit) the bf16-dot kernel still beats the dense
+    path, so a decode batch of up to 127 rows takes it; 128 go dense."""
+    torch.manual_seed(9)
+    layer = Int8Linear(nn.Linear(64, 96, bias=False).requires_grad_(False))
+    assert layer.dense_from_rows(torch.bfloat16) == 128
+    x = torch.randn(128, 64).bfloat16()
+    kernel = torch.ops.ragloom.int8_bf16_mm(x[:127].contiguous(), layer.weight, layer.scales)
+    assert torch.equal(layer(x[:127]), kernel)
+    dense = torch.nn.functional.linear(x, layer.weight.bfloat16()).mul_(layer.scales)
+    assert torch.equal(layer(x), dense)
 
 
 def test_a_weight_the_kernel_cannot_read_keeps_pytorchs_kernel(

@@ -64,7 +64,7 @@ def test_int8_dense_path_dequantizes_a_large_weight_in_row_blocks(
     torch.manual_seed(5)
     linear = nn.Linear(64, 40, bias=True).requires_grad_(False)
     layer = Int8Linear(linear)
-    x = torch.randn(dense_min_rows(dtype) + 3, 64).to(dtype)
+    x = torch.randn(layer.dense_from_rows(dtype) + 3, 64).to(dtype)
     weight = layer.weight.float() * layer.scales.float()[:, None]
     expected = x.float() @ weight.T + linear.bias.bfloat16().float()
     out = layer(x)
@@ -77,14 +77,17 @@ def test_int8_dense_path_dequantizes_a_large_weight_in_row_blocks(
 def test_a_wide_int8_weight_goes_dense_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
     """The vocab projection's int8 weight (16,384+ output rows) leaves the int8 kernel
     from ``WIDE_DEQUANT_MIN_ROWS`` bf16 rows, a narrow one from ``DEQUANT_MIN_ROWS``;
-    both paths give the dequantized weight's product (on a CPU without int8 dot products;
-    with them the wide weight takes ``two_limb_matmul``)."""
+    both paths give the dequantized weight's product (on a CPU without int8 dot products
+    or ragloom's bf16-dot kernel; with them the wide weight takes ``two_limb_matmul`` and
+    the narrow one our kernel to 128 rows)."""
     import llm_backend.engine.quantize as quantize_module
 
     monkeypatch.setattr(quantize_module, "_CPU_INT8_DOT", False)
+    monkeypatch.setattr(quantize_module, "load_cpu_kernels", lambda: False)
     torch.manual_seed(6)
     wide = Int8Linear(nn.Linear(32, quantize_module.WIDE_OUT_FEATURES, bias=False))
     narrow = Int8Linear(nn.Linear(32, 64, bias=False))
+    assert not (wide.bf16_dot or narrow.bf16_dot)
     rows = quantize_module.WIDE_DEQUANT_MIN_ROWS
     assert rows < quantize_module.DEQUANT_MIN_ROWS
     assert wide.dense_from_rows(torch.bfloat16) == rows
