@@ -9,7 +9,8 @@ multiplied densely, so on a CPU without native bf16 matmuls (AVX2 only: 6x slowe
 than float32 there) the model runs float32 activations and only the kernels see bf16.
 
 - ``int8``: symmetric per-output-channel, w ≈ q * scale, q in [-128, 127];
-  ``torch._weight_int8pack_mm``.
+  ``torch._weight_int8pack_mm``, or on an AVX512-BF16 CPU ragloom's ``int8_bf16_mm``
+  (``cpu_kernels``; up to 1.9x faster, exact products).
 - ``int4``: asymmetric per group of ``group_size`` input columns,
   w ≈ (q - 8) * scale + zero, q in [0, 15]; ``torch._weight_int4pack_mm_for_cpu``,
   or on an AVX512-BF16 CPU ragloom's ``int4_bf16_mm`` on the same packed codes

@@ -24,6 +24,10 @@ namespace {
 // layer against ~1,000-1,160)
 constexpr int kMaxRows = 8;
 constexpr int kCols = 3;
+// Codes are prefetched this many bytes ahead in each row: a decode streams ~100 MB of
+// them from memory a step, and the hardware prefetcher alone left one row's 120
+// linears at 8.1 ms (~13 GB/s) against 5.2-6.1 with it (128: 6.5, 512: 8.6).
+constexpr int64_t kPrefetchBytes = 256;
 
 // 32 int8 codes as 32 bf16 values in the same order (exact: |q| <= 128).
 inline __m512bh codes_to_bf16(const int8_t* codes) {
@@ -45,7 +49,10 @@ void micro_kernel(const at::BFloat16* x, int64_t ldx,  // (ROWS, K)
     for (int c = 0; c < COLS; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     __m512bh codes[COLS];
-    for (int c = 0; c < COLS; ++c) codes[c] = codes_to_bf16(w + c * K + k);
+    for (int c = 0; c < COLS; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * K + k + kPrefetchBytes), _MM_HINT_T0);
+      codes[c] = codes_to_bf16(w + c * K + k);
+    }
     for (int r = 0; r < ROWS; ++r) {
       __m512bh a = (__m512bh)_mm512_loadu_si512(x + r * ldx + k);
       for (int c = 0; c < COLS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, codes[c]);
