@@ -45,10 +45,16 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (_CSRC / "int4_bf16_mm.cpp", _CSRC / "int8_bf16_mm.cpp")
+SOURCES = (
+    _CSRC / "int4_bf16_mm.cpp",
+    _CSRC / "int8_bf16_mm.cpp",
+    _CSRC / "decode_attention.cpp",
+)
 LIBRARY_NAME = "ragloom_cpu_kernels"
 INT4_BF16_BLOCK_N = 64  # the output-row block of the int4 packing the kernel reads
 INT8_BF16_K_STEP = 32  # int8_bf16_mm: input columns a multiple of this
+DECODE_ATTENTION_MAX_HEAD_DIM = 256  # decode_attention: head_dim a multiple of 16 up to this
+DECODE_ATTENTION_MAX_QUERIES = 32  # and at most this many query rows per KV head
 # -fopenmp: at::parallel_for is inlined, and runs on one thread without it; the
 # GOMP symbols resolve to the libgomp torch loaded (one thread pool)
 CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma")
@@ -155,3 +161,9 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ragloom::int8_bf16_mm")
     def _int8(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("ragloom::decode_attention")
+    def _attention(
+        q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, bias: Tensor, scale: float
+    ) -> Tensor:
+        return q.new_empty(q.shape)

@@ -30,6 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm_backend.engine.cpu_kernels import (
+    DECODE_ATTENTION_MAX_HEAD_DIM,
+    DECODE_ATTENTION_MAX_QUERIES,
+    load_cpu_kernels,
+)
 from llm_backend.engine.errors import EngineError
 from llm_backend.engine.gguf_reader import GGUFMetadata
 from llm_backend.engine.quantize import (
@@ -140,7 +145,7 @@ BF16_DECODE_MIN_POSITIONS = 4096
 # Candidates tied at a position's largest bf16 logit that are told apart in float32
 # (Transformer.break_logit_ties): more than this many tied at once is not seen.
 TIED_LOGITS = 8
-DecodeAttention = Literal["float32", "bf16", "fused"]
+DecodeAttention = Literal["float32", "bf16", "fused", "kernel"]
 
 
 @dataclass
@@ -217,6 +222,16 @@ class KVCache(nn.Module):
             for mapping in self._mappings:
                 release_pages(mapping)
 
+    def write(self, write_rows: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write ``k``/``v`` (B, T, Hkv, hd) into their rows of the cache
+        (``write_rows``: ``Transformer.cache_write_rows``)."""
+        hd = k.shape[-1]
+        # the quantized linears' kernels may hand over bf16 rows for a float32 cache
+        k_rows = as_dtype(k, self.k_cache.dtype).reshape(-1, hd)  # (B*T*Hkv, hd)
+        v_rows = as_dtype(v, self.v_cache.dtype).reshape(-1, hd)
+        self.k_cache.view(-1, hd).index_copy_(0, write_rows, k_rows)
+        self.v_cache.view(-1, hd).index_copy_(0, write_rows, v_rows)
+
     def update(
         self,
         slot_index: Tensor,  # (B, 1) long: each row's slot
@@ -233,12 +248,7 @@ class KVCache(nn.Module):
         (slots * Hkv * S_max, hd) rows: indexing ``cache[slot, :, pos] = k`` costs
         ~70 us per layer in Python-side index handling, this a few.
         """
-        hd = k.shape[-1]
-        # the quantized linears' kernels may hand over bf16 rows for a float32 cache
-        k_rows = as_dtype(k, self.k_cache.dtype).reshape(-1, hd)  # (B*T*Hkv, hd)
-        v_rows = as_dtype(v, self.v_cache.dtype).reshape(-1, hd)
-        self.k_cache.view(-1, hd).index_copy_(0, write_rows, k_rows)
-        self.v_cache.view(-1, hd).index_copy_(0, write_rows, v_rows)
+        self.write(write_rows, k, v)
         if first_slot is not None:
             rows = slice(first_slot, first_slot + k.shape[0])
             return self.k_cache[rows, :, :kv_len], self.v_cache[rows, :, :kv_len]
@@ -309,6 +319,11 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.kv_cache is None:
             raise EngineError(_NO_CACHE)
+        if step.decode_attention == "kernel" and step.mask.dtype != torch.bool:
+            # ragloom::decode_attention reads each row's slot in place: no gathered copy
+            self.kv_cache.write(step.write_rows, k, v)
+            y = self._kernel_attention(q, self.kv_cache, step.slot_index, step.mask)
+            return self.wo(as_dtype(y, q.dtype))  # (B, T, D)
         k_all, v_all = self.kv_cache.update(
             step.slot_index, step.first_slot, step.write_rows, k, v, step.kv_len
         )  # (B, Hkv, S, hd)
@@ -370,6 +385,24 @@ class Attention(nn.Module):
             out = torch.bmm(probs, values[:, :Sk])  # (B*Hkv, G*n, hd)
             y[:, start:end] = out.view(B, self.n_kv_heads, G, n, hd).permute(0, 3, 1, 2, 4)
         return y.view(B, T, self.q_size)
+
+    def _kernel_attention(
+        self, q: Tensor, cache: KVCache, slot_index: Tensor, bias: Tensor
+    ) -> Tensor:
+        """Decode attention by ``ragloom::decode_attention`` (``cpu_kernels``): the
+        grouping of ``_small_t_attention``, each row's keys and values read in place from
+        its cache slot, float32 math. q (B, T, H, hd); slot_index (B, 1); bias
+        (B*Hkv, G*T, S) 0 / -inf. Returns (B, T, H * hd) float32."""
+        B, T = q.shape[:2]
+        G = self.n_heads // self.n_kv_heads
+        hd = self.head_dim
+        qg = q.view(B, T, self.n_kv_heads, G, hd).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, T, hd)
+        qg = as_dtype(qg.reshape(B * self.n_kv_heads, G * T, hd), torch.float32).contiguous()
+        y = torch.ops.ragloom.decode_attention(
+            qg, cache.k_cache, cache.v_cache, slot_index.reshape(-1), bias, hd**-0.5
+        )  # (B*Hkv, G*T, hd)
+        y = y.view(B, self.n_kv_heads, G, T, hd).permute(0, 3, 1, 2, 4)  # (B, T, Hkv, G, hd)
+        return y.reshape(B, T, self.q_size)
 
     def _small_t_attention(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, form: DecodeAttention
@@ -468,6 +501,7 @@ class Transformer(nn.Module):
         self._aot_decode: AotDecode | None = None  # see use_aot_decode
         self._blocked_prefill = False  # see Attention._blocked_attention, setup_caches
         self._bf16_decode = False  # a bf16 cache decode may read as is (setup_caches)
+        self._attention_kernel = False  # ragloom::decode_attention (setup_caches)
         self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         # (S_max, hd) each; rope_sin holds (-sin, sin) over the two halves (apply_rope).
@@ -521,6 +555,15 @@ class Transformer(nn.Module):
         )
         self._bf16_decode = dtype == torch.bfloat16 and (
             device.type != "cpu" or cpu_has_native_bf16()
+        )
+        G = args.n_heads // args.n_kv_heads
+        self._attention_kernel = bool(
+            device.type == "cpu"
+            and dtype == torch.bfloat16
+            and args.head_dim % 16 == 0
+            and args.head_dim <= DECODE_ATTENTION_MAX_HEAD_DIM
+            and G * SMALL_T_ATTENTION <= DECODE_ATTENTION_MAX_QUERIES
+            and load_cpu_kernels()
         )
         for block in self.blocks():
             block.attention.kv_cache = KVCache(
@@ -739,9 +782,12 @@ class Transformer(nn.Module):
 
     def decode_attention(self, batch: int, kv_len: int, *, compiled: bool) -> DecodeAttention:
         """The form of a decode step's attention for ``batch`` rows attending to ``kv_len``
-        cached positions (``BF16_DECODE_MIN_POSITIONS``): "fused" when ``compiled``; else
-        "bf16" for many positions in a bf16 cache on a device with native bf16, or
-        "float32"."""
+        cached positions (``BF16_DECODE_MIN_POSITIONS``): "kernel" (ragloom's, eager or
+        compiled) for a bf16 cache on a CPU that runs ``cpu_kernels``; "fused" when
+        ``compiled``; else "bf16" for many positions in a bf16 cache on a device with
+        native bf16, or "float32"."""
+        if self._attention_kernel:
+            return "kernel"
         if compiled:
             return "fused"
         if self._bf16_decode and batch * kv_len >= BF16_DECODE_MIN_POSITIONS:

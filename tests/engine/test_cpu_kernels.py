@@ -1,10 +1,12 @@
-"""ragloom's C++ CPU kernels: the int4 and int8 x bf16 matmuls on bf16 dot products."""
+"""ragloom's C++ CPU kernels: the int4 and int8 x bf16 matmuls on bf16 dot products,
+and decode attention over the bf16 KV cache."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 
 import llm_backend.engine.quantize as quantize_module
 from llm_backend.engine.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
+from llm_backend.engine.loader import load_model
 from llm_backend.engine.quantize import (
     Int4Linear,
     Int8Linear,
@@ -147,6 +150,80 @@ def test_int8_linear_keeps_the_bf16_kernel_to_128_decode_rows() -> None:
     assert torch.equal(layer(x[:127]), kernel)
     dense = torch.nn.functional.linear(x, layer.weight.bfloat16()).mul_(layer.scales)
     assert torch.equal(layer(x), dense)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("head_dim", "queries"), [(64, 3), (128, 12), (16, 1)])
+def test_decode_attention_reads_each_rows_slot_in_place(head_dim: int, queries: int) -> None:
+    """Within float32 error of the float64 softmax attention over each row's own slot
+    (slots out of order, rows of different lengths, keys past a row's length
+    masked), and a row's bits are the same alone and in the batch."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(head_dim + queries)
+    slots_total, Hkv, S_max, S, B = 6, 2, 96, 80, 4
+    k_cache = torch.randn(slots_total, Hkv, S_max, head_dim, generator=generator).bfloat16()
+    v_cache = torch.randn(slots_total, Hkv, S_max, head_dim, generator=generator).bfloat16()
+    slots = torch.tensor([4, 0, 5, 2])
+    q = torch.randn(B * Hkv, queries, head_dim, generator=generator) * 2
+    lengths = torch.tensor([80, 1, 37, 64]).repeat_interleave(Hkv)  # (B * Hkv,)
+    visible = torch.arange(S)[None, None, :] < lengths[:, None, None]
+    bias = torch.where(visible, 0.0, float("-inf")).expand(-1, queries, -1).contiguous()
+    out = torch.ops.ragloom.decode_attention(q, k_cache, v_cache, slots, bias, head_dim**-0.5)
+    keys = k_cache[slots].reshape(B * Hkv, S_max, head_dim)[:, :S].double()
+    values = v_cache[slots].reshape(B * Hkv, S_max, head_dim)[:, :S].double()
+    scores = q.double() @ keys.transpose(1, 2) * head_dim**-0.5 + bias.double()
+    reference = torch.softmax(scores, dim=-1) @ values
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference, atol=2e-5, rtol=1e-5)
+    # the row of length 1 sees only its first key: its value row, exactly
+    assert torch.equal(out[2:4], v_cache[0, :, :1].float().expand(Hkv, queries, head_dim))
+    alone = torch.ops.ragloom.decode_attention(
+        q[4:6].contiguous(), k_cache, v_cache, slots[2:3], bias[4:6], head_dim**-0.5
+    )
+    assert torch.equal(alone, out[4:6])
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.ragloom.decode_attention(
+            q, k_cache, v_cache, torch.tensor([0, 1, 2, 6]), bias, head_dim**-0.5
+        )
+
+
+@needs_kernel
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_a_bf16_model_decodes_through_the_attention_kernel(
+    tiny_gguf: Callable[..., Path], new_tokens: int
+) -> None:
+    """A bf16-cache model's decode step takes ``ragloom::decode_attention`` and gives
+    the float32 form's logits (slots out of order, rows at different positions)."""
+    path = tiny_gguf(dim=128, n_heads=4, n_kv_heads=2, hidden_dim=256)
+    model = load_model(path, quant="bf16", max_batch=4, max_seq_len=64).model
+    assert model._attention_kernel
+    assert model.decode_attention(4, 40, compiled=False) == "kernel"
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 250, (4, 30), generator=generator)
+    with torch.inference_mode():
+        for slot in range(4):
+            model.fill_cache(prompts[slot : slot + 1], torch.arange(30)[None], torch.tensor([slot]))
+        tokens = torch.randint(0, 250, (3, new_tokens), generator=generator)
+        slots = torch.tensor([2, 0, 3])
+        start = torch.tensor([[30], [12], [25]])
+        positions = start + torch.arange(new_tokens)  # (3, new_tokens)
+        calls: list[int] = []
+        real = torch.ops.ragloom.decode_attention
+
+        def counting(*args: object) -> torch.Tensor:
+            calls.append(1)
+            return real(*args)
+
+        torch.ops.ragloom.decode_attention = counting  # type: ignore[assignment]
+        try:
+            kernel = model.forward(tokens, positions, slots, kv_len=30 + new_tokens)
+        finally:
+            torch.ops.ragloom.decode_attention = real  # type: ignore[assignment]
+        assert len(calls) == 2  # one per layer
+        model._attention_kernel = False
+        model._bf16_decode = False  # the float32 form
+        float32 = model.forward(tokens, positions, slots, kv_len=30 + new_tokens)
+    torch.testing.assert_close(kernel, float32, atol=0.05, rtol=0.01)
 
 
 def test_a_weight_the_kernel_cannot_read_keeps_pytorchs_kernel(

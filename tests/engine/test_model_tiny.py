@@ -338,11 +338,11 @@ def test_blocked_prefill_attention_matches_the_float32_model(
 def test_decode_attention_forms_match_the_float32_model(
     tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A decode step's three attention forms (eager float32, eager bf16 over a bf16
-    cache read as it is, and the fused form compiled steps use) give the float32
-    model's logits: rows at different lengths, one slot holding stale keys past its
-    row's position from an earlier, longer prompt (a form that attends past a row's
-    position sees them)."""
+    """A decode step's attention forms (eager float32, eager bf16 over a bf16 cache read
+    as it is, the fused form compiled steps use, and ragloom's C++ kernel where the CPU
+    runs it) give the float32 model's logits: rows at different lengths, one slot
+    holding stale keys past its row's position from an earlier, longer prompt (a form
+    that attends past a row's position sees them)."""
     import llm_backend.engine.model as model_module
 
     path = tiny_gguf(n_kv_heads=2, n_heads=4)
@@ -364,6 +364,11 @@ def test_decode_attention_forms_match_the_float32_model(
     expected = step(reference, "float32")
     scale = expected.abs().max()
     errors = {}
+    if model._attention_kernel:  # head_dim 16, a bf16 cache, AVX512-BF16
+        assert model.decode_attention(2, 81, compiled=False) == "kernel"
+        errors["kernel"] = ((step(model, "kernel") - expected).abs().max() / scale).item()
+        assert errors["kernel"] < 0.02, errors
+        model._attention_kernel = False
     for form, threshold in (("float32", 10**9), ("bf16", 0), ("fused", 10**9)):
         monkeypatch.setattr(model_module, "BF16_DECODE_MIN_POSITIONS", threshold)
         assert form == "fused" or model.decode_attention(2, 81, compiled=False) == form
