@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from llm_backend.engine.cpu_kernels import load_cpu_kernels
 from llm_backend.engine.errors import EngineError
+from llm_backend.engine.paths import engine_cache_dir
 from llm_backend.engine.quantize import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
@@ -63,8 +64,7 @@ _PACKAGE_ROOT = _ENGINE_DIR.parents[1]  # the folder holding llm_backend/
 
 def default_aot_dir() -> Path:
     """``$XDG_CACHE_HOME/ragloom/aot`` (``~/.cache/ragloom/aot``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "ragloom" / "aot"
+    return engine_cache_dir("aot")
 
 
 def decode_batch_ranges(model: Transformer) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 
 The quantized linears' decode matmuls on the AVX512-BF16 dot product (``vdpbf16ps``),
 where PyTorch's CPU kernels widen each weight to float32 and multiply with float32
-FMAs, half the rate of bf16 dot products on a CPU that has them:
+FMAs, half the rate of bf16 dot products on a CPU that has them, and the decode
+attention over a bf16 KV cache:
 
 - ``torch.ops.ragloom.int4_bf16_mm(x, packed, scales_and_zeros, group_size)``
   (``csrc/int4_bf16_mm.cpp``) reads the codes as PyTorch's int4 kernel packs them (no
@@ -13,14 +14,18 @@ FMAs, half the rate of bf16 dot products on a CPU that has them:
 - ``torch.ops.ragloom.int8_bf16_mm(x, weight, scales)`` (``csrc/int8_bf16_mm.cpp``)
   reads the (N, K) int8 codes as they are, converts them exactly to bf16 and sums the
   exact products in float32, then scales each output.
+- ``torch.ops.ragloom.decode_attention(q, k_cache, v_cache, slots, bias, scale)``
+  (``csrc/decode_attention.cpp``) reads each row's keys and values in place from its
+  cache slot (no gathered copy) and computes in float32.
 
-In both, a row's result does not depend on how many rows run beside it.
+In all three, a row's result does not depend on how many rows run beside it.
 
 The library is built with PyTorch's extension builder (g++ and ninja, ~10 s) into
-``<cache>/<key>/``, the key hashing the source, the torch build and the flags, and is
+``<cache>/<key>/``, the key hashing the sources, the torch build and the flags, and is
 loaded from there by later processes (``torch.ops.load_library``: no build tools
 imported). Where it cannot be built or the CPU lacks AVX512-BF16, ``load_cpu_kernels``
-returns False and the int4 linears keep PyTorch's kernel.
+returns False: the quantized linears keep PyTorch's kernels and the decode attention
+its tensor-op forms.
 
 Example:
     >>> if load_cpu_kernels():
@@ -41,6 +46,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from llm_backend.engine.paths import engine_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +72,7 @@ _loaded: bool | None = None  # None: not tried yet in this process
 
 def default_kernel_dir() -> Path:
     """``$XDG_CACHE_HOME/ragloom/kernels`` (``~/.cache/ragloom/kernels``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "ragloom" / "kernels"
+    return engine_cache_dir("kernels")
 
 
 def cpu_has_bf16_dot() -> bool:
@@ -145,14 +151,15 @@ def _build_and_load(folder: Path) -> None:
     except (OSError, RuntimeError, ImportError):
         raise
     except Exception as exc:  # the builder raises bare Exception and CalledProcessError
-        raise RuntimeError(f"building {SOURCES[0].name} failed: {exc}") from exc
+        raise RuntimeError(f"building {LIBRARY_NAME} failed: {exc}") from exc
     finally:
         os.environ["PATH"] = path
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _register_fakes() -> None:
-    """Shapes for tracing (``torch.export``, ``torch.compile``): output (M, N) bf16."""
+    """Output shapes for tracing (``torch.export``, ``torch.compile``): the matmuls
+    (M, N) bf16, the attention q's shape in float32."""
 
     @torch.library.register_fake("ragloom::int4_bf16_mm")
     def _(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:

@@ -319,7 +319,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.kv_cache is None:
             raise EngineError(_NO_CACHE)
-        if step.decode_attention == "kernel" and step.mask.dtype != torch.bool:
+        if step.decode_attention == "kernel":  # set for a few query tokens only (_run)
             # ragloom::decode_attention reads each row's slot in place: no gathered copy
             self.kv_cache.write(step.write_rows, k, v)
             y = self._kernel_attention(q, self.kv_cache, step.slot_index, step.mask)

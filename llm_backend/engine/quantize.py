@@ -140,17 +140,23 @@ def _dense_dtype_for(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-def dense_min_rows(dtype: torch.dtype, *, int4: bool = False, out_features: int = 0) -> int:
+def dense_min_rows(
+    dtype: torch.dtype, *, int4: bool = False, out_features: int = 0, bf16_dot: bool = False
+) -> int:
     """Rows from which the quantized linears (``int4``: ``Int4Linear``) dequantize and
     multiply densely in ``dtype``; ``out_features``: the weight's output rows (a wide
-    int8 weight goes dense sooner)."""
+    int8 weight goes dense sooner); ``bf16_dot``: an int8 linear on ragloom's kernel."""
     if dtype != torch.bfloat16:
         rows = DEQUANT_MIN_ROWS_FLOAT32
     elif out_features >= WIDE_OUT_FEATURES and not int4:
         rows = WIDE_DEQUANT_MIN_ROWS
     else:
         rows = DEQUANT_MIN_ROWS
-    return max(rows, INT4_DEQUANT_MIN_ROWS) if int4 else rows
+    if int4:
+        return max(rows, INT4_DEQUANT_MIN_ROWS)
+    if bf16_dot and out_features < WIDE_OUT_FEATURES:
+        return max(rows, BF16_DOT_DEQUANT_MIN_ROWS)
+    return rows
 
 
 def _kernel_input(x: Tensor) -> Tensor:
@@ -295,10 +301,9 @@ class Int8Linear(nn.Module):
         return self._dense_rows(_dense_dtype_for(dtype, device_type), device_type)
 
     def _dense_rows(self, dense: torch.dtype, device_type: str) -> int:
-        rows = dense_min_rows(dense, out_features=self.out_features)
-        if self._uses_bf16_dot(device_type) and self.out_features < WIDE_OUT_FEATURES:
-            return max(rows, BF16_DOT_DEQUANT_MIN_ROWS)
-        return rows
+        return dense_min_rows(
+            dense, out_features=self.out_features, bf16_dot=self._uses_bf16_dot(device_type)
+        )
 
     def _uses_bf16_dot(self, device_type: str) -> bool:
         return self.bf16_dot and device_type == "cpu"

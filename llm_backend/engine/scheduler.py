@@ -429,7 +429,7 @@ class Scheduler:
         kv_len = max(seq.num_computed for seq, _ in chunks) + width
         # Only the cache is wanted: a prompt's last token runs as a decode step, so the
         # first token's logits come from the path every later token takes (the int4
-        # kernel's float32 weights, not the dense path's bf16-rounded ones).
+        # kernels' exact or float32 weights, not the dense path's bf16-rounded ones).
         self.model.fill_cache(
             tokens, input_pos, slots, kv_len=kv_len, first_slot=_first_of_run(slot_ids)
         )

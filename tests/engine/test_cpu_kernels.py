@@ -190,7 +190,7 @@ def test_decode_attention_reads_each_rows_slot_in_place(head_dim: int, queries: 
 @needs_kernel
 @pytest.mark.parametrize("new_tokens", [1, 3])
 def test_a_bf16_model_decodes_through_the_attention_kernel(
-    tiny_gguf: Callable[..., Path], new_tokens: int
+    tiny_gguf: Callable[..., Path], new_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bf16-cache model's decode step takes ``ragloom::decode_attention`` and gives
     the float32 form's logits (slots out of order, rows at different positions)."""
@@ -214,11 +214,9 @@ def test_a_bf16_model_decodes_through_the_attention_kernel(
             calls.append(1)
             return real(*args)
 
-        torch.ops.ragloom.decode_attention = counting  # type: ignore[assignment]
-        try:
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.ops.ragloom, "decode_attention", counting)
             kernel = model.forward(tokens, positions, slots, kv_len=30 + new_tokens)
-        finally:
-            torch.ops.ragloom.decode_attention = real  # type: ignore[assignment]
         assert len(calls) == 2  # one per layer
         model._attention_kernel = False
         model._bf16_decode = False  # the float32 form
