@@ -466,7 +466,8 @@ class Int4Linear(nn.Module):
     tok/s vs 915 dequantized) unpacks with tensor ops. Only where that layout is not
     known (no kernel, or a shape or torch build it does not cover) are plain nibbles kept.
     Decode rows go through ragloom's ``int4_bf16_mm`` where ``bf16_dot`` (an AVX512-BF16
-    CPU, whole 64-row blocks; ``cpu_kernels``), else through PyTorch's kernel.
+    CPU, whole 64-row blocks; ``cpu_kernels``), else through PyTorch's kernel; there the
+    dense path's bf16 weight comes from ragloom's ``int4_dequant_t`` too.
     """
 
     def __init__(self, linear: nn.Linear, group_size: int) -> None:
@@ -510,8 +511,14 @@ class Int4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         """The (N, K) weight in ``dtype`` that the fallback and prefill paths multiply with:
         (q - 8) * scale + zero. From the kernel's layout it is a transposed view of a
-        (K, N) tensor (``F.linear`` takes either at the same speed)."""
+        (K, N) tensor (``F.linear`` takes either at the same speed): in bf16 with
+        ``bf16_dot`` by ``int4_dequant_t`` in one pass, else by the tensor ops of
+        ``_dequantized_from_pack`` (the same bits)."""
         if self.codes is None:
+            if self.bf16_dot and dtype == torch.bfloat16:  # one pass in C++ (cpu_kernels)
+                return torch.ops.ragloom.int4_dequant_t(
+                    self.weight, self.scales_and_zeros, self.group_size
+                ).t()  # (N, K) view of W^T
             return self._dequantized_from_pack(dtype).t()  # (N, K) view
         N, K = self.out_features, self.in_features
         G, gs = K // self.group_size, self.group_size

@@ -101,6 +101,52 @@ def test_int4_linear_decodes_through_the_bf16_kernel_and_prefills_densely() -> N
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("N", "K", "group_size"), [(3072, 576, 32), (576, 1536, 32), (128, 256, 64), (64, 96, 32)]
+)
+def test_int4_dequant_t_is_the_tensor_ops_weight(N: int, K: int, group_size: int) -> None:
+    """The prefill path's weight, W^T (K, N) bf16, read from the packing in one pass:
+    the bits of the tensor ops it replaces, q * scale + (zero - 8 * scale) in float32
+    with the offset rounded to bf16 first, then rounded to bf16."""
+    assert load_cpu_kernels()
+    q, scales_and_zeros, packed, exact = _packed_weight(N, K, group_size, seed=N - K)
+    weight_t = torch.ops.ragloom.int4_dequant_t(packed, scales_and_zeros, group_size)
+    assert weight_t.shape == (K, N) and weight_t.dtype == torch.bfloat16
+    pairs = scales_and_zeros.repeat_interleave(group_size, dim=0)  # (K, N, 2) bf16
+    offsets = (pairs[..., 1] - 8 * pairs[..., 0]).float()  # rounded to bf16 in bf16 math
+    expected = q.T.float() * pairs[..., 0].float() + offsets  # (K, N) float32
+    assert torch.equal(weight_t, expected.bfloat16())
+    error = (weight_t.double() - exact.T).abs()
+    assert float(error.max()) <= float(exact.abs().max()) * 2**-7  # within bf16 rounding
+
+
+@needs_kernel
+def test_int4_dequant_t_rejects_a_packing_of_the_wrong_size() -> None:
+    assert load_cpu_kernels()
+    _, scales_and_zeros, packed, _ = _packed_weight(128, 256, 32, seed=1)
+    with pytest.raises(RuntimeError, match="N \\* K / 2 bytes"):
+        torch.ops.ragloom.int4_dequant_t(packed[:64], scales_and_zeros, 32)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.ragloom.int4_dequant_t(packed, scales_and_zeros[:, :96].contiguous(), 32)
+
+
+@needs_kernel
+def test_int4_linear_prefills_on_the_weight_the_kernel_dequantizes() -> None:
+    """A prompt chunk multiplies densely with ``int4_dequant_t``'s W^T."""
+    torch.manual_seed(6)
+    linear = nn.Linear(576, 192, bias=False).requires_grad_(False)
+    layer = Int4Linear(linear, 32)
+    assert layer.bf16_dot and layer.codes is None
+    weight_t = torch.ops.ragloom.int4_dequant_t(layer.weight, layer.scales_and_zeros, 32)
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16), weight_t.T)
+    layer.bf16_dot = False  # the tensor ops: the same bits
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16), weight_t.T)
+    layer.bf16_dot = True
+    x = torch.randn(1, 40, 576).bfloat16()  # a 40-token chunk
+    assert torch.equal(layer(x), (x.view(40, 576) @ weight_t).view(1, 40, 192))
+
+
+@needs_kernel
 @pytest.mark.parametrize(("N", "K"), [(576, 576), (192, 1536), (101, 64)])
 def test_int8_bf16_mm_is_the_exact_product_rounded_once_and_batch_independent(
     N: int, K: int

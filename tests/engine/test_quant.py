@@ -165,10 +165,13 @@ def test_int4_holds_one_copy_of_its_codes(
         assert block_n in (32, 64)  # this torch build's layout on this CPU is a known one
     assert (layer.codes is None) == (layer.use_kernel and out_features % block_n == 0)
     torch.testing.assert_close(layer.dequantized_weight(torch.float32), expected)
-    # bf16: offsets (zero - 8 * scale) rounded to bf16 first, as the kernel rounds them
+    # bf16: offsets (zero - 8 * scale) rounded to bf16 first, as the kernel rounds them;
+    # with bf16_dot ragloom's int4_dequant_t, else tensor ops: the same bits
     offsets = (zeros.bfloat16() - 8 * scales.bfloat16()).float()
     expected_bf16 = ((groups * scales[..., None]) + offsets[..., None]).reshape(out_features, 96)
-    assert torch.equal(layer.dequantized_weight(torch.bfloat16), expected_bf16.bfloat16())
+    for bf16_dot in sorted({layer.bf16_dot, False}):
+        layer.bf16_dot = bf16_dot
+        assert torch.equal(layer.dequantized_weight(torch.bfloat16), expected_bf16.bfloat16())
     many = torch.randn(dense_min_rows(torch.float32, int4=True) + 1, 96)
     torch.testing.assert_close(layer(many), many @ expected.T, atol=1e-4, rtol=1e-4)
 

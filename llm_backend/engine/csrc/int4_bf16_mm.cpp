@@ -156,10 +156,75 @@ at::Tensor int4_bf16_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   return y;
 }
 
+
+// W^T, (K, N) bf16, from the packing: the dense (prefill) path's weight, the same bits
+// as Int4Linear._dequantized_from_pack's tensor ops (and PyTorch's int4 kernel's
+// weights): w = q * scale + offset in float32, rounded to bf16, where the offset
+// zero - 8 * scale is rounded to bf16 first. q * scale is exact in float32 (a 4-bit
+// integer times a bf16), so the fused multiply-add rounds as their multiply and add.
+// Rows of W^T are split across threads; each converts its group's scales once.
+at::Tensor int4_dequant_t(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t group_size) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
+  TORCH_CHECK(scales_and_zeros.dim() == 3 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
+                  scales_and_zeros.is_contiguous() && scales_and_zeros.size(2) == 2,
+              "scales_and_zeros must be (G, N, 2) contiguous bf16");
+  TORCH_CHECK(group_size > 0, "group_size must be positive");
+  const int64_t G = scales_and_zeros.size(0), N = scales_and_zeros.size(1), K = G * group_size;
+  TORCH_CHECK(N % kBlockN == 0, "N must be a multiple of 64");
+  TORCH_CHECK(packed.numel() == N * K / 2, "packed must hold N * K / 2 bytes");
+  auto w = at::empty({K, N}, scales_and_zeros.options());
+  if (K == 0) return w;
+  const uint8_t* codes = packed.data_ptr<uint8_t>();
+  const at::BFloat16* pairs = scales_and_zeros.data_ptr<at::BFloat16>();
+  at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  const __m512i low_bits = _mm512_set1_epi32(15);
+  at::parallel_for(0, K, group_size, [&](int64_t begin, int64_t end) {
+    std::vector<float> scales(2 * N);  // one group's scales, then its offsets, float32
+    int64_t loaded = -1;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t g = k / group_size;
+      if (g != loaded) {
+        for (int64_t n = 0; n < N; n += 16) {
+          __m512 s, z;
+          load_scales(pairs + (g * N + n) * 2, s, z);
+          // zero - 8 * scale rounded to bf16 (exact products; the difference rounds)
+          __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
+          offset = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(offset)), 16));
+          _mm512_storeu_ps(scales.data() + n, s);
+          _mm512_storeu_ps(scales.data() + N + n, offset);
+        }
+        loaded = g;
+      }
+      const float* s = scales.data();
+      const float* z = scales.data() + N;
+      at::BFloat16* out = wp + k * N;
+      for (int64_t nb = 0; nb < N / kBlockN; ++nb) {
+        const uint8_t* row = codes + (nb * K + k) * (kBlockN / 2);
+        for (int64_t half = 0; half < 2; ++half) {
+          __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + half * 16)));
+          __m512i lo = _mm512_and_si512(bytes, low_bits);
+          __m512i hi = _mm512_srli_epi32(bytes, 4);
+          const int64_t c0 = nb * kBlockN + half * 16, c1 = c0 + kBlockN / 2;
+          __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(s + c0), _mm512_loadu_ps(z + c0));
+          __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(s + c1), _mm512_loadu_ps(z + c1));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0), (__m256i)_mm512_cvtneps_pbh(w0));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c1), (__m256i)_mm512_cvtneps_pbh(w1));
+        }
+      }
+    }
+  });
+  return w;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ragloom, m) {
   m.def("int4_bf16_mm(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("int4_dequant_t(Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ragloom, CPU, m) { m.impl("int4_bf16_mm", &int4_bf16_mm); }
+TORCH_LIBRARY_IMPL(ragloom, CPU, m) {
+  m.impl("int4_bf16_mm", &int4_bf16_mm);
+  m.impl("int4_dequant_t", &int4_dequant_t);
+}
