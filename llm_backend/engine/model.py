@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from llm_backend.engine.cpu_kernels import (
     DECODE_ATTENTION_MAX_HEAD_DIM,
     DECODE_ATTENTION_MAX_QUERIES,
+    PREFILL_ATTENTION_HEAD_DIMS,
     load_cpu_kernels,
 )
 from llm_backend.engine.errors import EngineError
@@ -162,6 +163,8 @@ class StepContext:
     first_slot: int | None  # rows own slots first_slot.. (cache views); None: gather
     kv_len: int  # S, the cache positions attended
     key_bounds: tuple[tuple[int, int], ...] | None = None  # Transformer.prefill_key_bounds
+    # (B, T) int64, set where ragloom::prefill_attention runs the prompt chunk's attention
+    prefill_positions: Tensor | None = None
     decode_attention: DecodeAttention = "float32"  # the small-T form, see its constant
 
 
@@ -332,6 +335,11 @@ class Attention(nn.Module):
             form = step.decode_attention
             y = self._small_t_attention(q, k_all, v_all, mask, form)  # (B, T, H * hd)
             y = as_dtype(y, q.dtype)
+        elif step.prefill_positions is not None and q.dtype == k_all.dtype == torch.bfloat16:
+            # ragloom::prefill_attention: scores, softmax and values in one pass
+            y = torch.ops.ragloom.prefill_attention(
+                q, k_all, v_all, step.prefill_positions, self.head_dim**-0.5
+            ).view(B, T, self.q_size)
         elif step.key_bounds is not None and q.dtype == k_all.dtype == torch.bfloat16:
             y = self._blocked_attention(q, k_all, v_all, mask, step.key_bounds)  # (B, T, H*hd)
         else:
@@ -502,6 +510,7 @@ class Transformer(nn.Module):
         self._blocked_prefill = False  # see Attention._blocked_attention, setup_caches
         self._bf16_decode = False  # a bf16 cache decode may read as is (setup_caches)
         self._attention_kernel = False  # ragloom::decode_attention (setup_caches)
+        self._prefill_kernel = False  # ragloom::prefill_attention (setup_caches)
         self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         # (S_max, hd) each; rope_sin holds (-sin, sin) over the two halves (apply_rope).
@@ -563,6 +572,11 @@ class Transformer(nn.Module):
             and args.head_dim % 16 == 0
             and args.head_dim <= DECODE_ATTENTION_MAX_HEAD_DIM
             and G * SMALL_T_ATTENTION <= DECODE_ATTENTION_MAX_QUERIES
+            and load_cpu_kernels()
+        )
+        self._prefill_kernel = bool(
+            self._blocked_prefill
+            and args.head_dim in PREFILL_ATTENTION_HEAD_DIMS
             and load_cpu_kernels()
         )
         for block in self.blocks():
@@ -829,12 +843,14 @@ class Transformer(nn.Module):
         sin = as_dtype(self.rope_sin[input_pos], self.dtype).unsqueeze(2)
         # Causal per-row mask over cache positions: key position <= query position.
         mask = self.key_positions[:S] <= input_pos[:, None, :, None]  # (B, 1, T, S) bool
-        key_bounds = None
+        key_bounds = prefill_positions = None
         decode_attention: DecodeAttention = "float32"
         if tokens.shape[1] <= SMALL_T_ATTENTION:  # decode path wants an additive float bias
             decode_attention = self.decode_attention(B, S, compiled=compiled)
             dtype = torch.bfloat16 if decode_attention == "bf16" else torch.float32
             mask = self.small_t_bias(mask, dtype)  # (B * Hkv, G * T, S)
+        elif self._prefill_kernel:
+            prefill_positions = input_pos.contiguous()
         elif self._blocked_prefill:
             key_bounds = self.prefill_key_bounds(input_pos, S)
         step = StepContext(
@@ -847,6 +863,7 @@ class Transformer(nn.Module):
             kv_len=S,
             key_bounds=key_bounds,
             decode_attention=decode_attention,
+            prefill_positions=prefill_positions,
         )
         for layer in self.layers:
             x = layer(x, step)  # (B, T, D)

@@ -1,5 +1,5 @@
 """ragloom's C++ CPU kernels: the int4 and int8 x bf16 matmuls on bf16 dot products,
-and decode attention over the bf16 KV cache."""
+the int4 prefill weights, and the decode and prefill attention over the bf16 KV cache."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 import llm_backend.engine.quantize as quantize_module
 from llm_backend.engine.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
 from llm_backend.engine.loader import load_model
+from llm_backend.engine.model import Attention, Transformer
 from llm_backend.engine.quantize import (
     Int4Linear,
     Int8Linear,
@@ -268,6 +269,110 @@ def test_a_bf16_model_decodes_through_the_attention_kernel(
         model._bf16_decode = False  # the float32 form
         float32 = model.forward(tokens, positions, slots, kv_len=30 + new_tokens)
     torch.testing.assert_close(kernel, float32, atol=0.05, rtol=0.01)
+
+
+def _causal_attention_float64(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over keys s <= each row's position, in float64:
+    q (B, T, H, hd), k and v (B, Hkv, S, hd), positions (B, T) -> (B, T, H, hd)."""
+    G = q.shape[2] // k.shape[1]
+    keys = k.double().repeat_interleave(G, dim=1)  # (B, H, S, hd)
+    values = v.double().repeat_interleave(G, dim=1)
+    scores = torch.einsum("bthd,bhsd->bhts", q.double(), keys) * q.shape[-1] ** -0.5
+    visible = torch.arange(k.shape[2]) <= positions[:, None, :, None]  # (B, 1, T, S)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bhsd->bthd", probs, values)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("head_dim", "n_heads", "n_kv_heads"), [(64, 9, 3), (128, 4, 2)])
+def test_prefill_attention_is_the_causal_attention_and_row_independent(
+    head_dim: int, n_heads: int, n_kv_heads: int
+) -> None:
+    """A prompt chunk's attention over cache views: row 0 continues at position 40 over
+    its cached prefix, row 1 starts at 0 (50 new tokens each, 93 keys: a short last
+    32-key tile). Within bf16 probability rounding of the float64 attention, closer than
+    the tensor ops' blocked path; a row's bits are the same alone, in the batch and in
+    a shorter chunk (each row's sums run over its own keys in fixed 32-key tiles)."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(head_dim)
+    B, T, S = 2, 50, 93
+    cache_k = torch.randn(3, n_kv_heads, 128, head_dim, generator=generator).bfloat16()
+    cache_v = torch.randn(3, n_kv_heads, 128, head_dim, generator=generator).bfloat16()
+    k, v = cache_k[1:3, :, :S], cache_v[1:3, :, :S]  # strided views, as the cache gives
+    q = (torch.randn(B, T, n_heads + n_kv_heads, head_dim, generator=generator) * 2).bfloat16()
+    q = q[:, :, :n_heads]  # a view of the fused q / k heads, as RoPE leaves it
+    positions = torch.stack((torch.arange(40, 90), torch.arange(50)))
+    out = torch.ops.ragloom.prefill_attention(q, k, v, positions, head_dim**-0.5)
+    assert out.shape == (B, T, n_heads, head_dim) and out.dtype == torch.bfloat16
+    reference = _causal_attention_float64(q, k, v, positions)
+    error = (out.double() - reference).abs()
+    assert float(error.max()) < 0.02 and float(error.mean()) < 1e-3, float(error.max())
+    attention = Attention.__new__(Attention)
+    nn.Module.__init__(attention)
+    attention.n_heads, attention.n_kv_heads, attention.head_dim = n_heads, n_kv_heads, head_dim
+    attention.q_size = n_heads * head_dim
+    mask = torch.arange(S) <= positions[:, None, :, None]  # (B, 1, T, S)
+    bounds = Transformer.prefill_key_bounds(positions, S)
+    blocked = attention._blocked_attention(q, k, v, mask, bounds).view(out.shape)
+    assert float(error.mean()) <= float((blocked.double() - reference).abs().mean())
+    alone = torch.ops.ragloom.prefill_attention(
+        q[1:], k[1:], v[1:], positions[1:].contiguous(), head_dim**-0.5
+    )
+    assert torch.equal(alone, out[1:])
+    shorter = torch.ops.ragloom.prefill_attention(
+        q[:, :13], k, v, positions[:, :13].contiguous(), head_dim**-0.5
+    )
+    assert torch.equal(shorter, out[:, :13])
+
+
+@needs_kernel
+def test_prefill_attention_rejects_other_head_dims() -> None:
+    assert load_cpu_kernels()
+    q, k = torch.zeros(1, 4, 2, 32).bfloat16(), torch.zeros(1, 2, 8, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128"):
+        torch.ops.ragloom.prefill_attention(q, k, k, torch.arange(4)[None], 1.0)
+
+
+@needs_kernel
+def test_a_bf16_model_prefills_through_the_attention_kernel(
+    tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 model with head_dim 64 runs a prompt chunk's attention in
+    ``ragloom::prefill_attention``, once per layer: batched rows at different offsets,
+    one over its cached prefix, give the float32 model's logits to bf16 accuracy, as
+    close as the blocked tensor-op path."""
+    path = tiny_gguf(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=256)
+    reference = load_model(path, quant="fp32", max_batch=2, max_seq_len=256).model
+    model = load_model(path, quant="bf16", max_batch=2, max_seq_len=256).model
+    assert model._prefill_kernel
+    ids = torch.randint(0, 250, (2, 200), generator=torch.Generator().manual_seed(3))
+
+    def run(m: Transformer) -> torch.Tensor:
+        with torch.inference_mode():
+            m(ids[:1, :60], torch.arange(60)[None], torch.tensor([0]), kv_len=60)
+            positions = torch.stack((torch.arange(60, 200), torch.arange(140)))
+            tokens = torch.stack((ids[0, 60:200], ids[1, :140]))
+            return m(tokens, positions, torch.tensor([0, 1]), kv_len=200, first_slot=0)
+
+    expected = run(reference)
+    scale = expected.abs().max()
+    calls: list[int] = []
+    real = torch.ops.ragloom.prefill_attention
+
+    def counting(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.ops.ragloom, "prefill_attention", counting)
+        kernel_error = ((run(model) - expected).abs().max() / scale).item()
+    assert len(calls) == 2 * 2  # two forwards, two layers
+    model._prefill_kernel = False  # the blocked tensor ops
+    blocked_error = ((run(model) - expected).abs().max() / scale).item()
+    assert kernel_error < 0.02, kernel_error
+    assert kernel_error < 1.5 * blocked_error + 0.005, (kernel_error, blocked_error)
 
 
 def test_a_weight_the_kernel_cannot_read_keeps_pytorchs_kernel(

@@ -18,35 +18,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int kMaxQueries = 32;  // query rows per (row, KV head): G * T
 constexpr int kMaxHeadDim = 256;
-
-// 16 bf16 -> 16 float32 (exact)
-inline __m512 load_bf16(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// e^x for x <= 0 (Cephes' single-precision polynomial, ~1 ulp); below -87 it gives 0
-// exactly, so masked keys (-inf) weigh nothing.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, c2, _mm512_fnmadd_ps(n, c1, x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(e, n));
-}
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& slots, const at::Tensor& bias, double scale) {
@@ -90,7 +67,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       const at::BFloat16* krow = kp + offset;
       for (int64_t s = 0; s < S; ++s) {
         __m512 kv[kMaxHeadDim / 16];
-        for (int64_t c = 0; c < chunks; ++c) kv[c] = load_bf16(krow + s * D + c * 16);
+        for (int64_t c = 0; c < chunks; ++c) kv[c] = ragloom::load_bf16(krow + s * D + c * 16);
         for (int64_t i = 0; i < Q; ++i) {
           __m512 acc = _mm512_mul_ps(qv[i][0], kv[0]);
           for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[i][c], kv[c], acc);
@@ -108,7 +85,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         const __m512 shift = _mm512_set1_ps(top);
         __m512 total = _mm512_setzero_ps();
         for (int64_t s = 0; s < ld; s += 16) {
-          __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + s), shift));
+          __m512 e = ragloom::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + s), shift));
           _mm512_storeu_ps(row + s, e);
           total = _mm512_add_ps(total, e);
         }
@@ -121,7 +98,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       const at::BFloat16* vrow = vp + offset;
       for (int64_t s = 0; s < S; ++s) {
         __m512 vv[kMaxHeadDim / 16];
-        for (int64_t c = 0; c < chunks; ++c) vv[c] = load_bf16(vrow + s * D + c * 16);
+        for (int64_t c = 0; c < chunks; ++c) vv[c] = ragloom::load_bf16(vrow + s * D + c * 16);
         for (int64_t i = 0; i < Q; ++i) {
           const __m512 p = _mm512_set1_ps(scores[i * ld + s]);
           for (int64_t c = 0; c < chunks; ++c) acc[i][c] = _mm512_fmadd_ps(p, vv[c], acc[i][c]);
