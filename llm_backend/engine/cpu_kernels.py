@@ -27,6 +27,9 @@ attention over a bf16 KV cache:
   probabilities rounded to bf16 for the value product, as the tensor ops round them):
   SmolLM2 per layer 1.5-1.9x ``Attention._blocked_attention``'s matmuls and softmax
   (512 tokens ~2.7 -> ~1.4 ms, 1,500 ~15 -> ~10), no score matrix in memory.
+- ``torch.ops.ragloom.rope(x, cos, sin)`` and ``torch.ops.ragloom.silu_mul(x)``
+  (``csrc/elementwise.cpp``): RoPE (``model.apply_rope``'s bits) and SwiGLU's
+  ``F.silu(gate) * up`` (its rounding steps) in one pass each, for eager bf16 steps.
 
 In the matmuls and the attention, a row's result does not depend on how many rows run beside it.
 
@@ -67,6 +70,7 @@ SOURCES = (
     _CSRC / "int8_bf16_mm.cpp",
     _CSRC / "decode_attention.cpp",
     _CSRC / "prefill_attention.cpp",
+    _CSRC / "elementwise.cpp",
 )
 HEADERS = (_CSRC / "vec_math.h",)
 LIBRARY_NAME = "ragloom_cpu_kernels"
@@ -191,6 +195,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ragloom::prefill_attention")
     def _prefill(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float) -> Tensor:
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("ragloom::rope")
+    def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("ragloom::silu_mul")
+    def _silu_mul(x: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], x.shape[1] // 2)
 
     @torch.library.register_fake("ragloom::decode_attention")
     def _attention(

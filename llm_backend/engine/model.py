@@ -165,6 +165,9 @@ class StepContext:
     key_bounds: tuple[tuple[int, int], ...] | None = None  # Transformer.prefill_key_bounds
     # (B, T) int64, set where ragloom::prefill_attention runs the prompt chunk's attention
     prefill_positions: Tensor | None = None
+    # ragloom::rope and ragloom::silu_mul for bf16 activations (eager steps only: compiled
+    # graphs fuse these themselves, and a call through AOT's proxy executor costs more)
+    elementwise_kernels: bool = False
     decode_attention: DecodeAttention = "float32"  # the small-T form, see its constant
 
 
@@ -317,7 +320,10 @@ class Attention(nn.Module):
         qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
         # RoPE on Q and K heads together: (B, T, H + Hkv, hd)
         qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
-        qk = apply_rope(qk, step.cos, step.sin)
+        if step.elementwise_kernels and qk.dtype == step.cos.dtype == torch.bfloat16:
+            qk = torch.ops.ragloom.rope(qk, step.cos, step.sin)  # apply_rope's bits
+        else:
+            qk = apply_rope(qk, step.cos, step.sin)
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H | Hkv, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.kv_cache is None:
@@ -470,8 +476,13 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(args.dim, 2 * args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
-        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)  # (B, T, F) each
+    def forward(self, x: Tensor, step: StepContext | None = None) -> Tensor:  # (B, T, D)
+        gate_up = self.w13(x)  # (B, T, 2F)
+        if step is not None and step.elementwise_kernels and gate_up.dtype == torch.bfloat16:
+            # one pass, F.silu(gate) * up's rounding (cpu_kernels)
+            activated = torch.ops.ragloom.silu_mul(gate_up.reshape(-1, 2 * self.hidden_dim))
+            return self.w2(activated.view(*gate_up.shape[:-1], self.hidden_dim))
+        gate, up = gate_up.split(self.hidden_dim, dim=-1)  # (B, T, F) each
         return self.w2(F.silu(gate) * up)  # (B, T, D); bf16 from a quantized kernel
 
 
@@ -487,7 +498,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, step: StepContext) -> Tensor:  # (B, T, D) -> (B, T, D)
         h = x + self.attention(self.attention_norm(x), step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), step)
 
 
 class Transformer(nn.Module):
@@ -511,6 +522,7 @@ class Transformer(nn.Module):
         self._bf16_decode = False  # a bf16 cache decode may read as is (setup_caches)
         self._attention_kernel = False  # ragloom::decode_attention (setup_caches)
         self._prefill_kernel = False  # ragloom::prefill_attention (setup_caches)
+        self._elementwise_kernels = False  # ragloom::rope, ragloom::silu_mul (setup_caches)
         self.rope_freq_factors: Tensor | None = None  # llama3-style per-frequency divisors
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         # (S_max, hd) each; rope_sin holds (-sin, sin) over the two halves (apply_rope).
@@ -577,6 +589,12 @@ class Transformer(nn.Module):
         self._prefill_kernel = bool(
             self._blocked_prefill
             and args.head_dim in PREFILL_ATTENTION_HEAD_DIMS
+            and load_cpu_kernels()
+        )
+        self._elementwise_kernels = bool(
+            device.type == "cpu"
+            and args.head_dim % 32 == 0
+            and args.hidden_dim % 16 == 0
             and load_cpu_kernels()
         )
         for block in self.blocks():
@@ -864,6 +882,7 @@ class Transformer(nn.Module):
             key_bounds=key_bounds,
             decode_attention=decode_attention,
             prefill_positions=prefill_positions,
+            elementwise_kernels=self._elementwise_kernels and not compiled,
         )
         for layer in self.layers:
             x = layer(x, step)  # (B, T, D)

@@ -16,7 +16,7 @@ from torch import nn
 import llm_backend.engine.quantize as quantize_module
 from llm_backend.engine.cpu_kernels import cpu_has_bf16_dot, load_cpu_kernels
 from llm_backend.engine.loader import load_model
-from llm_backend.engine.model import Attention, Transformer
+from llm_backend.engine.model import Attention, Transformer, apply_rope
 from llm_backend.engine.quantize import (
     Int4Linear,
     Int8Linear,
@@ -373,6 +373,100 @@ def test_a_bf16_model_prefills_through_the_attention_kernel(
     blocked_error = ((run(model) - expected).abs().max() / scale).item()
     assert kernel_error < 0.02, kernel_error
     assert kernel_error < 1.5 * blocked_error + 0.005, (kernel_error, blocked_error)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_kernel_has_the_tensor_ops_bits(head_dim: int) -> None:
+    """``ragloom::rope`` over the q / k heads' view of a fused projection gives
+    ``apply_rope``'s bits (x * cos rounded to bf16, then + the exact other product)."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(head_dim)
+    B, T, heads = 2, 37, 12
+    fused = torch.randn(B, T, (heads + 4) * head_dim, generator=generator).bfloat16()
+    x = fused[..., : heads * head_dim].view(B, T, heads, head_dim)  # rows 16 heads apart
+    angles = torch.randn(B, T, 1, head_dim, generator=generator) * 50
+    cos = angles.cos().bfloat16()
+    sin = angles.sin().bfloat16()
+    out = torch.ops.ragloom.rope(x, cos, sin)
+    assert out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out, apply_rope(x, cos, sin))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.ragloom.rope(x[..., :48], cos[..., :48], sin[..., :48])
+
+
+@needs_kernel
+def test_silu_mul_kernel_rounds_as_the_tensor_ops() -> None:
+    """``ragloom::silu_mul`` rounds silu(gate) to bf16 and then the product, as
+    ``F.silu(gate) * up`` does; its exp is not PyTorch's, so a value may be one bf16
+    step away (none was over 2.3 million values). Extremes: silu(x) is x for large x
+    and 0 or tiny for very negative x (ours 0 below -87, where PyTorch's is under 1e-36)."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(9)
+    x = (torch.randn(300, 2 * 1536, generator=generator) * 4).bfloat16()
+    gate, up = x.split(1536, dim=-1)
+    out = torch.ops.ragloom.silu_mul(x)
+    expected = torch.nn.functional.silu(gate) * up
+    differ = out != expected
+    assert int(differ.sum()) <= out.numel() // 10_000
+    step = expected.float().abs() * 2**-7
+    assert bool(((out.float() - expected.float()).abs() <= step).all())
+    edges = torch.tensor([-1e4, -100.0, -88.0, -1e-30, 0.0, 1e-30, 20.0, 1e4] * 2)
+    ones = torch.ones(16)
+    activated = torch.ops.ragloom.silu_mul(torch.cat((edges, ones))[None].bfloat16())
+    expected = torch.nn.functional.silu(edges.bfloat16()).float()
+    torch.testing.assert_close(activated[0].float(), expected, atol=1e-36, rtol=0)
+    with pytest.raises(RuntimeError, match="F a multiple of 16"):
+        torch.ops.ragloom.silu_mul(x[:, :48].contiguous())
+
+
+@needs_kernel
+def test_eager_bf16_steps_take_the_elementwise_kernels(
+    tiny_gguf: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 model's eager prefill and decode steps run RoPE and SwiGLU's gate through
+    the kernels, once per layer each, with the tensor ops' logits; a compiled step's
+    context does not ask for them."""
+    path = tiny_gguf(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=256)
+    model = load_model(path, quant="bf16", max_batch=1, max_seq_len=128).model
+    assert model._elementwise_kernels
+    ids = torch.randint(0, 250, (1, 41), generator=torch.Generator().manual_seed(4))
+    calls: list[str] = []
+
+    def counting(name: str) -> Callable[..., torch.Tensor]:
+        real = getattr(torch.ops.ragloom, name)
+
+        def call(*args: object) -> torch.Tensor:
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            prompt = model(ids[:, :40], torch.arange(40)[None], kv_len=40)
+            step = model(ids[:, 40:], torch.tensor([[40]]), kv_len=41)
+        return prompt, step
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.ops.ragloom, "rope", counting("rope"))
+        patched.setattr(torch.ops.ragloom, "silu_mul", counting("silu_mul"))
+        with_kernels = run()
+    assert sorted(calls) == ["rope"] * 4 + ["silu_mul"] * 4  # 2 forwards x 2 layers
+    model._elementwise_kernels = False
+    without = run()
+    for a, b in zip(with_kernels, without, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+    model._elementwise_kernels = True
+    seen: list[bool] = []
+    monkeypatch.setattr(
+        type(model.layers[0]),
+        "forward",
+        lambda self, x, step: (seen.append(step.elementwise_kernels), x)[1],
+    )
+    with torch.inference_mode():
+        model._run(ids[:, :1], torch.tensor([[0]]), torch.tensor([[0]]), None, 32, compiled=True)
+    assert seen == [False, False]
 
 
 def test_a_weight_the_kernel_cannot_read_keeps_pytorchs_kernel(
