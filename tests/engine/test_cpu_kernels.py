@@ -29,6 +29,17 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+def _counting(calls: list[str], name: str) -> Callable[..., torch.Tensor]:
+    """``torch.ops.ragloom.<name>``, appending ``name`` to ``calls`` at each call."""
+    real = getattr(torch.ops.ragloom, name)
+
+    def call(*args: object) -> torch.Tensor:
+        calls.append(name)
+        return real(*args)
+
+    return call
+
+
 def _packed_weight(N: int, K: int, group_size: int, seed: int) -> tuple[torch.Tensor, ...]:
     """(codes q, (G, N, 2) bf16 scales and zeros, the kernel's packing, float64 W)."""
     generator = torch.Generator().manual_seed(seed)
@@ -254,15 +265,11 @@ def test_a_bf16_model_decodes_through_the_attention_kernel(
         slots = torch.tensor([2, 0, 3])
         start = torch.tensor([[30], [12], [25]])
         positions = start + torch.arange(new_tokens)  # (3, new_tokens)
-        calls: list[int] = []
-        real = torch.ops.ragloom.decode_attention
-
-        def counting(*args: object) -> torch.Tensor:
-            calls.append(1)
-            return real(*args)
-
+        calls: list[str] = []
         with monkeypatch.context() as patched:
-            patched.setattr(torch.ops.ragloom, "decode_attention", counting)
+            patched.setattr(
+                torch.ops.ragloom, "decode_attention", _counting(calls, "decode_attention")
+            )
             kernel = model.forward(tokens, positions, slots, kv_len=30 + new_tokens)
         assert len(calls) == 2  # one per layer
         model._attention_kernel = False
@@ -358,15 +365,11 @@ def test_a_bf16_model_prefills_through_the_attention_kernel(
 
     expected = run(reference)
     scale = expected.abs().max()
-    calls: list[int] = []
-    real = torch.ops.ragloom.prefill_attention
-
-    def counting(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args)
-
+    calls: list[str] = []
     with monkeypatch.context() as patched:
-        patched.setattr(torch.ops.ragloom, "prefill_attention", counting)
+        patched.setattr(
+            torch.ops.ragloom, "prefill_attention", _counting(calls, "prefill_attention")
+        )
         kernel_error = ((run(model) - expected).abs().max() / scale).item()
     assert len(calls) == 2 * 2  # two forwards, two layers
     model._prefill_kernel = False  # the blocked tensor ops
@@ -433,15 +436,6 @@ def test_eager_bf16_steps_take_the_elementwise_kernels(
     ids = torch.randint(0, 250, (1, 41), generator=torch.Generator().manual_seed(4))
     calls: list[str] = []
 
-    def counting(name: str) -> Callable[..., torch.Tensor]:
-        real = getattr(torch.ops.ragloom, name)
-
-        def call(*args: object) -> torch.Tensor:
-            calls.append(name)
-            return real(*args)
-
-        return call
-
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
             prompt = model(ids[:, :40], torch.arange(40)[None], kv_len=40)
@@ -449,8 +443,8 @@ def test_eager_bf16_steps_take_the_elementwise_kernels(
         return prompt, step
 
     with monkeypatch.context() as patched:
-        patched.setattr(torch.ops.ragloom, "rope", counting("rope"))
-        patched.setattr(torch.ops.ragloom, "silu_mul", counting("silu_mul"))
+        patched.setattr(torch.ops.ragloom, "rope", _counting(calls, "rope"))
+        patched.setattr(torch.ops.ragloom, "silu_mul", _counting(calls, "silu_mul"))
         with_kernels = run()
     assert sorted(calls) == ["rope"] * 4 + ["silu_mul"] * 4  # 2 forwards x 2 layers
     model._elementwise_kernels = False

@@ -18,14 +18,6 @@
 
 namespace {
 
-inline __m512 round_to_bf16(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-inline void store_bf16(at::BFloat16* p, __m512 x) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
-}
-
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.stride(3) == 1,
               "x must be (B, T, n, head_dim) bf16 with contiguous rows");
@@ -51,9 +43,9 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
         at::BFloat16* o = op + (bt * n + h) * hd;
         for (int64_t d = 0; d < hd; d += 16) {
           const int64_t other = d < half ? d + half : d - half;  // rotate_half's partner
-          __m512 direct = round_to_bf16(_mm512_mul_ps(ragloom::load_bf16(row + d), ragloom::load_bf16(c + d)));
+          __m512 direct = ragloom::round_to_bf16(_mm512_mul_ps(ragloom::load_bf16(row + d), ragloom::load_bf16(c + d)));
           __m512 turned = _mm512_mul_ps(ragloom::load_bf16(row + other), ragloom::load_bf16(s + d));  // exact
-          store_bf16(o + d, _mm512_add_ps(direct, turned));
+          ragloom::store_bf16(o + d, _mm512_add_ps(direct, turned));
         }
       }
     }
@@ -84,8 +76,8 @@ at::Tensor silu_mul(const at::Tensor& x) {
       const at::BFloat16* gate = xp + m * 2 * F;
       const at::BFloat16* up = gate + F;
       for (int64_t f = 0; f < F; f += 16) {
-        __m512 activated = round_to_bf16(silu(ragloom::load_bf16(gate + f)));
-        store_bf16(op + m * F + f, _mm512_mul_ps(activated, ragloom::load_bf16(up + f)));
+        __m512 activated = ragloom::round_to_bf16(silu(ragloom::load_bf16(gate + f)));
+        ragloom::store_bf16(op + m * F + f, _mm512_mul_ps(activated, ragloom::load_bf16(up + f)));
       }
     }
   });

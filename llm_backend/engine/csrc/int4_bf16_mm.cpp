@@ -21,6 +21,8 @@
 #include <utility>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int64_t kBlockN = 64;  // columns per block of the packing
@@ -188,9 +190,7 @@ at::Tensor int4_dequant_t(const at::Tensor& packed, const at::Tensor& scales_and
           __m512 s, z;
           load_scales(pairs + (g * N + n) * 2, s, z);
           // zero - 8 * scale rounded to bf16 (exact products; the difference rounds)
-          __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z);
-          offset = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(offset)), 16));
+          __m512 offset = ragloom::round_to_bf16(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z));
           _mm512_storeu_ps(scales.data() + n, s);
           _mm512_storeu_ps(scales.data() + N + n, offset);
         }
@@ -208,8 +208,8 @@ at::Tensor int4_dequant_t(const at::Tensor& packed, const at::Tensor& scales_and
           const int64_t c0 = nb * kBlockN + half * 16, c1 = c0 + kBlockN / 2;
           __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(s + c0), _mm512_loadu_ps(z + c0));
           __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(s + c1), _mm512_loadu_ps(z + c1));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c0), (__m256i)_mm512_cvtneps_pbh(w0));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c1), (__m256i)_mm512_cvtneps_pbh(w1));
+          ragloom::store_bf16(out + c0, w0);
+          ragloom::store_bf16(out + c1, w1);
         }
       }
     }

@@ -31,12 +31,6 @@ constexpr int64_t kTile = 32;  // keys per tile: two score vectors a row
 inline float reduce_max(__m512 x) { return _mm512_reduce_max_ps(x); }
 inline float reduce_add(__m512 x) { return _mm512_reduce_add_ps(x); }
 
-// bf16 rounding of 16 floats, back in float32, and their 16 bf16 bits
-inline __m512 round_bf16(__m512 x, __m256i& bits) {
-  bits = (__m256i)_mm512_cvtneps_pbh(x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
 struct Packed {
   const uint32_t* keys;    // (S_pad / 16, hd / 2, 16): k[s, 2j], k[s, 2j + 1] per lane s
   const uint32_t* values;  // (S_pad / 2, hd): v[s, d], v[s + 1, d] per element
@@ -94,11 +88,10 @@ void rows_kernel(const at::BFloat16* const* q, const int64_t* pos, int64_t end, 
       const float m_new = std::max(m[r], tile_max);
       const float correction = std::exp(m[r] - m_new);  // 0 on the first visible tile
       const __m512 shift = _mm512_set1_ps(m_new);
-      __m256i bits_lo, bits_hi;
-      __m512 p_lo = round_bf16(ragloom::exp_nonpositive(_mm512_sub_ps(s_lo, shift)), bits_lo);
-      __m512 p_hi = round_bf16(ragloom::exp_nonpositive(_mm512_sub_ps(s_hi, shift)), bits_hi);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(probs[r]), bits_lo);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(probs[r] + 16), bits_hi);
+      __m512 p_lo = ragloom::round_to_bf16(ragloom::exp_nonpositive(_mm512_sub_ps(s_lo, shift)));
+      __m512 p_hi = ragloom::round_to_bf16(ragloom::exp_nonpositive(_mm512_sub_ps(s_hi, shift)));
+      ragloom::store_bf16(reinterpret_cast<at::BFloat16*>(probs[r]), p_lo);  // exact: already bf16
+      ragloom::store_bf16(reinterpret_cast<at::BFloat16*>(probs[r] + 16), p_hi);
       m[r] = m_new;
       if (correction != 1.f) {
         const __m512 c = _mm512_set1_ps(correction);
@@ -121,9 +114,7 @@ void rows_kernel(const at::BFloat16* const* q, const int64_t* pos, int64_t end, 
   }
   for (int r = 0; r < R; ++r) {
     const __m512 inv = _mm512_set1_ps(1.f / reduce_add(l[r]));
-    for (int n = 0; n < NV; ++n)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[r] + n * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][n], inv)));
+    for (int n = 0; n < NV; ++n) ragloom::store_bf16(out[r] + n * 16, _mm512_mul_ps(acc[r][n], inv));
   }
 }
 

@@ -12,6 +12,16 @@ inline __m512 load_bf16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// 16 float32 rounded to bf16 (to nearest even), back in float32
+inline __m512 round_to_bf16(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+// 16 float32 stored as bf16 (rounded to nearest even)
+inline void store_bf16(at::BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
 // e^x for x <= 0 (Cephes' single-precision polynomial, ~1 ulp); below -87 it gives 0
 // exactly, so masked keys (-inf) weigh nothing.
 inline __m512 exp_nonpositive(__m512 x) {
