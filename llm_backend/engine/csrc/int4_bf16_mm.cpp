@@ -41,8 +41,8 @@ inline void load_scales(const at::BFloat16* pairs, __m512& scale, __m512& zero) 
   static const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   static const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   __m512i raw = _mm512_loadu_si512(pairs);  // 32 bf16: s0 z0 s1 z1 ...
-  __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-  __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+  __m512 a = ragloom::widen_bf16(_mm512_castsi512_si256(raw));
+  __m512 b = ragloom::widen_bf16(_mm512_extracti64x4_epi64(raw, 1));
   scale = _mm512_permutex2var_ps(a, even, b);
   zero = _mm512_permutex2var_ps(a, odd, b);
 }
@@ -99,8 +99,8 @@ void micro_kernel(
     }
   }
   for (int r = 0; r < ROWS; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy + d0), (__m256i)_mm512_cvtneps_pbh(total[r][0]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy + kBlockN / 2 + d0), (__m256i)_mm512_cvtneps_pbh(total[r][1]));
+    ragloom::store_bf16(y + r * ldy + d0, total[r][0]);
+    ragloom::store_bf16(y + r * ldy + kBlockN / 2 + d0, total[r][1]);
   }
 }
 

@@ -28,9 +28,6 @@ namespace {
 
 constexpr int64_t kTile = 32;  // keys per tile: two score vectors a row
 
-inline float reduce_max(__m512 x) { return _mm512_reduce_max_ps(x); }
-inline float reduce_add(__m512 x) { return _mm512_reduce_add_ps(x); }
-
 struct Packed {
   const uint32_t* keys;    // (S_pad / 16, hd / 2, 16): k[s, 2j], k[s, 2j + 1] per lane s
   const uint32_t* values;  // (S_pad / 2, hd): v[s, d], v[s + 1, d] per element
@@ -80,7 +77,7 @@ void rows_kernel(const at::BFloat16* const* q, const int64_t* pos, int64_t end, 
         s_hi = _mm512_mask_mov_ps(
             minus_inf, _mm512_cmple_epi32_mask(_mm512_add_epi32(lanes, _mm512_set1_epi32(16)), limit), s_hi);
       }
-      const float tile_max = reduce_max(_mm512_max_ps(s_lo, s_hi));
+      const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s_lo, s_hi));
       if (tile_max == -std::numeric_limits<float>::infinity()) {  // nothing visible in this tile
         std::memset(probs[r], 0, sizeof probs[r]);
         continue;
@@ -113,7 +110,7 @@ void rows_kernel(const at::BFloat16* const* q, const int64_t* pos, int64_t end, 
     }
   }
   for (int r = 0; r < R; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.f / reduce_add(l[r]));
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
     for (int n = 0; n < NV; ++n) ragloom::store_bf16(out[r] + n * 16, _mm512_mul_ps(acc[r][n], inv));
   }
 }

@@ -6,16 +6,18 @@
 
 namespace ragloom {
 
+// 16 bf16 bit patterns -> 16 float32 (exact)
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 // 16 bf16 -> 16 float32 (exact)
 inline __m512 load_bf16(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // 16 float32 rounded to bf16 (to nearest even), back in float32
-inline __m512 round_to_bf16(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
+inline __m512 round_to_bf16(__m512 x) { return widen_bf16((__m256i)_mm512_cvtneps_pbh(x)); }
 
 // 16 float32 stored as bf16 (rounded to nearest even)
 inline void store_bf16(at::BFloat16* p, __m512 x) {
