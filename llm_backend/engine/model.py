@@ -316,18 +316,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, step: StepContext) -> Tensor:  # (B, T, D) -> (B, T, D)
         B, T, _ = x.shape
-        qkv = self.wqkv(x)  # (B, T, q_size + 2 kv_size)
-        qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
-        # RoPE on Q and K heads together: (B, T, H + Hkv, hd)
-        qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
-        if step.elementwise_kernels and qk.dtype == step.cos.dtype == torch.bfloat16:
-            qk = torch.ops.ragloom.rope(qk, step.cos, step.sin)  # apply_rope's bits
-        else:
-            qk = apply_rope(qk, step.cos, step.sin)
-        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H | Hkv, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.kv_cache is None:
             raise EngineError(_NO_CACHE)
+        q, k, v = self._project(x, step)
         if step.decode_attention == "kernel":  # set for a few query tokens only (_run)
             # ragloom::decode_attention reads each row's slot in place: no gathered copy
             self.kv_cache.write(step.write_rows, k, v)
@@ -356,6 +347,29 @@ class Attention(nn.Module):
             )  # (B, H, T, hd)
             y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.wo(y)  # (B, T, D)
+
+    def write_cache(self, x: Tensor, step: StepContext) -> None:  # x (B, T, D)
+        """Project ``x`` and write its keys and values into the cache, nothing more: the
+        last layer of a prefill whose output nobody reads (``Transformer.fill_cache``)."""
+        if self.kv_cache is None:
+            raise EngineError(_NO_CACHE)
+        _, k, v = self._project(x, step)
+        self.kv_cache.write(step.write_rows, k, v)
+
+    def _project(self, x: Tensor, step: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused QKV projection, RoPE on Q and K: q (B, T, H, hd), k and v
+        (B, T, Hkv, hd)."""
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)  # (B, T, q_size + 2 kv_size)
+        qk, v = qkv.split((self.q_size + self.kv_size, self.kv_size), dim=-1)
+        # RoPE on Q and K heads together: (B, T, H + Hkv, hd)
+        qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
+        if step.elementwise_kernels and qk.dtype == step.cos.dtype == torch.bfloat16:
+            qk = torch.ops.ragloom.rope(qk, step.cos, step.sin)  # apply_rope's bits
+        else:
+            qk = apply_rope(qk, step.cos, step.sin)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)  # (B, T, H | Hkv, hd)
+        return q, k, v.view(B, T, self.n_kv_heads, self.head_dim)
 
     def _blocked_attention(
         self,
@@ -703,15 +717,22 @@ class Transformer(nn.Module):
         first_slot: int | None = None,
     ) -> None:
         """``forward`` for its cache writes only: a prefill whose logits nobody samples
-        (a prompt's last token runs as a decode step), so the final norm, the vocab
-        projection and the tie check are skipped. Arguments as in ``forward``."""
+        (a prompt's last token runs as a decode step), so the last layer's attention and
+        feed-forward, the final norm, the vocab projection and the tie check are skipped.
+        Arguments as in ``forward``."""
         if tokens.shape[1] <= SMALL_T_ATTENTION:  # compiled steps make logits anyway
             self.forward(
                 tokens, input_pos, slots, last_only=True, kv_len=kv_len, first_slot=first_slot
             )
             return
         S, slot_index, first_slot = self._step_args(tokens, slots, kv_len, first_slot)
-        self._run(tokens, input_pos, slot_index, first_slot, S, logits=False)
+        x, step = self._embed(tokens, input_pos, slot_index, first_slot, S)
+        # The last layer's output is read by nothing (its keys and values come from its
+        # input), so it stops after its QKV projection: ~1/n_layers of the prompt's work.
+        *layers, last = self.blocks()
+        for layer in layers:
+            x = layer(x, step)  # (B, T, D)
+        last.attention.write_cache(last.attention_norm(x), step)
 
     def _step_args(
         self, tokens: Tensor, slots: Tensor | None, kv_len: int | None, first_slot: int | None
@@ -848,11 +869,33 @@ class Transformer(nn.Module):
         logits_index: Tensor | None = None,  # (B,)
         *,
         compiled: bool = False,
-        logits: bool = True,
     ) -> Tensor:
         """The forward pass proper (``forward`` checks arguments and picks eager or
-        compiled). ``compiled``: traced for compilation (the decode attention's form).
-        ``logits=False`` (``fill_cache``): the last layer's output, (B, T, D), instead."""
+        compiled). ``compiled``: traced for compilation (the decode attention's form)."""
+        B = tokens.shape[0]
+        x, step = self._embed(tokens, input_pos, slot_index, first_slot, S, compiled=compiled)
+        for layer in self.layers:
+            x = layer(x, step)  # (B, T, D)
+        if last_only:
+            if logits_index is None:
+                x = x[:, -1:]  # (B, 1, D)
+            else:
+                x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, D)
+        h = self.norm(x)  # (B, T or 1, D)
+        return self.break_logit_ties(self.output(h).float(), h)  # (B, T or 1, V)
+
+    def _embed(
+        self,
+        tokens: Tensor,  # (B, T)
+        input_pos: Tensor,  # (B, T)
+        slot_index: Tensor,  # (B, 1)
+        first_slot: int | None,
+        S: int,
+        *,
+        compiled: bool = False,
+    ) -> tuple[Tensor, StepContext]:
+        """The token embeddings, (B, T, D) float32, and the step context every layer
+        shares (RoPE rows, mask, cache rows, the attention's form)."""
         B = tokens.shape[0]
         # The residual stream stays float32 whatever the weights' dtype: summing 30
         # layers' outputs in bf16 costs accuracy, and the extra casts are cheap.
@@ -884,17 +927,7 @@ class Transformer(nn.Module):
             prefill_positions=prefill_positions,
             elementwise_kernels=self._elementwise_kernels and not compiled,
         )
-        for layer in self.layers:
-            x = layer(x, step)  # (B, T, D)
-        if not logits:
-            return x
-        if last_only:
-            if logits_index is None:
-                x = x[:, -1:]  # (B, 1, D)
-            else:
-                x = x[torch.arange(B, device=x.device), logits_index].unsqueeze(1)  # (B, 1, D)
-        h = self.norm(x)  # (B, T or 1, D)
-        return self.break_logit_ties(self.output(h).float(), h)  # (B, T or 1, V)
+        return x, step
 
     def break_logit_ties(self, logits: Tensor, h: Tensor) -> Tensor:
         """``logits`` where candidates tied at a position's largest value are told apart

@@ -14,6 +14,7 @@ from llm_backend.engine.loader import load_model
 from llm_backend.engine.model import (
     KEY_ALIGN,
     PREFILL_QUERY_BLOCK,
+    SMALL_T_ATTENTION,
     Attention,
     ModelArgs,
     Transformer,
@@ -153,16 +154,21 @@ def test_fill_cache_writes_what_forward_writes(
     tiny_gguf: Callable[..., Path], prompt_len: int
 ) -> None:
     """``fill_cache`` (a prefill whose logits nobody samples) leaves the cache as
-    ``forward`` does, and the next token's logits are the same."""
+    ``forward`` does, and the next token's logits are the same. A prefill forward's
+    last layer stops at its cache write: its feed-forward never runs."""
     loaded = load_model(tiny_gguf(), quant="fp32", max_batch=2, max_seq_len=32)
     model = loaded.model
+    last_ffn_calls: list[int] = []
+    model.blocks()[-1].feed_forward.register_forward_hook(lambda *_: last_ffn_calls.append(1))
     ids = torch.tensor([TOKENS[:prompt_len]])
     pos = torch.arange(prompt_len)[None]
     step = (torch.tensor([[TOKENS[prompt_len]]]), torch.tensor([[prompt_len]]))
     with torch.no_grad():
         model(ids, pos, torch.tensor([0]), kv_len=prompt_len)
         want = model(*step, torch.tensor([0]), kv_len=prompt_len + 1)
+        last_ffn_calls.clear()
         model.fill_cache(ids, pos, torch.tensor([1]), kv_len=prompt_len)
+        assert len(last_ffn_calls) == (1 if prompt_len <= SMALL_T_ATTENTION else 0)
         got = model(*step, torch.tensor([1]), kv_len=prompt_len + 1)
     for block in model.blocks():
         cache = block.attention.kv_cache
