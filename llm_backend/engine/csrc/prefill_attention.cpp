@@ -77,24 +77,27 @@ void rows_kernel(const at::BFloat16* const* q, const int64_t* pos, int64_t end, 
         s_hi = _mm512_mask_mov_ps(
             minus_inf, _mm512_cmple_epi32_mask(_mm512_add_epi32(lanes, _mm512_set1_epi32(16)), limit), s_hi);
       }
-      const float tile_max = _mm512_reduce_max_ps(_mm512_max_ps(s_lo, s_hi));
-      if (tile_max == -std::numeric_limits<float>::infinity()) {  // nothing visible in this tile
+      // The running max moves only when some score beats it: most tiles past the first
+      // few skip the horizontal max and the rescale (the same numbers either way).
+      const __m512 tile_max = _mm512_max_ps(s_lo, s_hi);
+      if (_mm512_cmp_ps_mask(tile_max, _mm512_set1_ps(m[r]), _CMP_GT_OQ) != 0) {
+        const float m_new = _mm512_reduce_max_ps(tile_max);
+        const float correction = std::exp(m[r] - m_new);  // 0 on the first visible tile
+        m[r] = m_new;
+        if (correction != 1.f) {
+          const __m512 c = _mm512_set1_ps(correction);
+          l[r] = _mm512_mul_ps(l[r], c);
+          for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_mul_ps(acc[r][n], c);
+        }
+      } else if (m[r] == -std::numeric_limits<float>::infinity()) {  // nothing visible yet
         std::memset(probs[r], 0, sizeof probs[r]);
         continue;
       }
-      const float m_new = std::max(m[r], tile_max);
-      const float correction = std::exp(m[r] - m_new);  // 0 on the first visible tile
-      const __m512 shift = _mm512_set1_ps(m_new);
+      const __m512 shift = _mm512_set1_ps(m[r]);
       __m512 p_lo = ragloom::round_to_bf16(ragloom::exp_nonpositive(_mm512_sub_ps(s_lo, shift)));
       __m512 p_hi = ragloom::round_to_bf16(ragloom::exp_nonpositive(_mm512_sub_ps(s_hi, shift)));
       ragloom::store_bf16(reinterpret_cast<at::BFloat16*>(probs[r]), p_lo);  // exact: already bf16
       ragloom::store_bf16(reinterpret_cast<at::BFloat16*>(probs[r] + 16), p_hi);
-      m[r] = m_new;
-      if (correction != 1.f) {
-        const __m512 c = _mm512_set1_ps(correction);
-        l[r] = _mm512_mul_ps(l[r], c);
-        for (int n = 0; n < NV; ++n) acc[r][n] = _mm512_mul_ps(acc[r][n], c);
-      }
       l[r] = _mm512_add_ps(l[r], _mm512_add_ps(p_lo, p_hi));
     }
     const uint32_t* v = packed.values + (s0 / 2) * HD;
