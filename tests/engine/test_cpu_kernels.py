@@ -22,6 +22,7 @@ from llm_backend.engine.quantize import (
     Int8Linear,
     quantize_int4_grouped,
     quantize_int8_per_channel,
+    two_limb_matmul,
 )
 
 needs_kernel = pytest.mark.skipif(
@@ -208,6 +209,60 @@ def test_int8_linear_keeps_the_bf16_kernel_to_128_decode_rows() -> None:
     assert torch.equal(layer(x[:127]), kernel)
     dense = torch.nn.functional.linear(x, layer.weight.bfloat16()).mul_(layer.scales)
     assert torch.equal(layer(x), dense)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("N", "K"), [(1003, 576), (40, 128), (8, 64)])
+def test_int8_limbs_mm_has_the_int_mm_paths_bits(N: int, K: int) -> None:
+    """``ragloom::int8_limbs_mm`` is ``two_limb_matmul``'s ``_int_mm`` path, bit for bit,
+    for any row count and output columns that are not whole blocks of 8."""
+    assert load_cpu_kernels()
+    generator = torch.Generator().manual_seed(N + K)
+    q, scales = quantize_int8_per_channel(torch.randn(N, K, generator=generator) * 0.05)
+    q[0] = 127  # extremes: the largest code sums and the unsigned shift's edges
+    q[-1] = -127
+    scales = scales.bfloat16()
+    code_sums = q.sum(dim=1, dtype=torch.int32)
+    x = torch.randn(9, K, generator=generator) * 3
+    x[2] = 0.0  # an all-zero row: both limbs zero
+    for rows in (1, 2, 9):
+        want = two_limb_matmul(x[:rows], q, scales)
+        got = two_limb_matmul(x[:rows], q, scales, code_sums)
+        assert got.dtype == torch.float32 and got.shape == (rows, N)
+        assert torch.equal(got, want)
+    # the limbs carry ~15 bits of each row: far closer than bf16 activations
+    exact = x.double() @ (q.double() * scales.double()[:, None]).T
+    error = (two_limb_matmul(x, q, scales, code_sums).double() - exact).abs().max()
+    assert float(error) < 1e-3 * float(exact.abs().max())
+
+
+@needs_kernel
+def test_int8_limbs_mm_rejects_what_it_cannot_read() -> None:
+    q = torch.zeros(16, 96, dtype=torch.int8)
+    limbs = torch.zeros(2, 96, dtype=torch.int8)
+    ones = torch.ones(1)
+    sums = torch.zeros(16, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.ragloom.int8_limbs_mm(limbs, ones, ones, q, sums, torch.ones(16).bfloat16())
+    with pytest.raises(RuntimeError, match="code_sums"):
+        torch.ops.ragloom.int8_limbs_mm(limbs, ones, ones, q, sums[:8], torch.ones(16).bfloat16())
+
+
+@needs_kernel
+def test_the_vocab_projection_takes_the_limbs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wide int8 linear (the vocab projection) keeps its codes' row sums and multiplies
+    through ``ragloom::int8_limbs_mm``; a K the kernel cannot read keeps ``_int_mm``."""
+    torch.manual_seed(12)
+    layer = Int8Linear(nn.Linear(128, 16384, bias=False).requires_grad_(False))
+    assert layer.two_limb("cpu") and layer.code_sums is not None
+    assert torch.equal(layer.code_sums, layer.weight.sum(dim=1, dtype=torch.int32))
+    calls: list[str] = []
+    monkeypatch.setattr(torch.ops.ragloom, "int8_limbs_mm", _counting(calls, "int8_limbs_mm"))
+    x = torch.randn(3, 1, 128).bfloat16()
+    y = layer(x)
+    assert calls == ["int8_limbs_mm"]
+    assert torch.equal(y.view(3, -1), two_limb_matmul(x.view(3, 128), layer.weight, layer.scales))
+    assert Int8Linear(nn.Linear(96, 16384, bias=False)).code_sums is None  # 96 % 64
 
 
 @needs_kernel
