@@ -28,6 +28,9 @@ namespace {
 constexpr int64_t kBlockN = 64;  // columns per block of the packing
 constexpr int64_t kUnitN = 32;   // columns one micro-kernel call computes (two vectors)
 constexpr int kMaxRows = 6;      // rows one micro-kernel call computes at most (registers)
+// Codes are prefetched this many bytes ahead (32 input columns: the next group's), on
+// the Zen 4 kind 1,024 beat 256 and 512 by a little
+constexpr int64_t kPrefetchBytes = 1024;
 
 // bf16 bits of (i & 15) - 8 for i = 0 .. 31, vpermw's table (it reads 5 index bits)
 alignas(64) constexpr uint16_t kCodeValues[32] = {
@@ -73,8 +76,13 @@ void micro_kernel(
       part[r][1] = _mm512_setzero_ps();
     }
     const int64_t k_end = (g + 1) * group_size;
+    // a later group's scales (a strided stream per group) and codes further on: without
+    // these, SmolLM2's 120 linears for one row took 5-15% longer (prefetches never fault)
+    _mm_prefetch(reinterpret_cast<const char*>(pairs + (g + 2) * ldp + d0 * 2), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(pairs + (g + 2) * ldp + (kBlockN / 2 + d0) * 2), _MM_HINT_T0);
     for (int64_t k = g * group_size; k < k_end; k += 2) {
       const uint8_t* row = block + k * (kBlockN / 2) + d0;
+      _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchBytes), _MM_HINT_T0);
       __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
       __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + kBlockN / 2)));
       // 16-bit lanes (k, k+1) per column: byte k in the even lane, byte k+1 in the odd
