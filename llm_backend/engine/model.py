@@ -726,7 +726,7 @@ class Transformer(nn.Module):
             )
             return
         S, slot_index, first_slot = self._step_args(tokens, slots, kv_len, first_slot)
-        x, step = self._embed(tokens, input_pos, slot_index, first_slot, S)
+        x, step = self._embed_and_context(tokens, input_pos, slot_index, first_slot, S)
         # The last layer's output is read by nothing (its keys and values come from its
         # input), so it stops after its QKV projection: ~1/n_layers of the prompt's work.
         *layers, last = self.blocks()
@@ -873,7 +873,9 @@ class Transformer(nn.Module):
         """The forward pass proper (``forward`` checks arguments and picks eager or
         compiled). ``compiled``: traced for compilation (the decode attention's form)."""
         B = tokens.shape[0]
-        x, step = self._embed(tokens, input_pos, slot_index, first_slot, S, compiled=compiled)
+        x, step = self._embed_and_context(
+            tokens, input_pos, slot_index, first_slot, S, compiled=compiled
+        )
         for layer in self.layers:
             x = layer(x, step)  # (B, T, D)
         if last_only:
@@ -884,7 +886,7 @@ class Transformer(nn.Module):
         h = self.norm(x)  # (B, T or 1, D)
         return self.break_logit_ties(self.output(h).float(), h)  # (B, T or 1, V)
 
-    def _embed(
+    def _embed_and_context(
         self,
         tokens: Tensor,  # (B, T)
         input_pos: Tensor,  # (B, T)
