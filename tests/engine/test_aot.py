@@ -189,3 +189,51 @@ def test_background_build_serves_eagerly_then_switches(
     short.decode_build.join(timeout=60)
     assert short.model._aot_decode is None
     assert "compiled decode unavailable" in caplog.text and "max_seq_len >= 4" in caplog.text
+
+
+@torch.inference_mode()
+def test_smollm2_int4_compiled_ahead_of_time_decodes_as_eager(
+    smollm2_gguf_path: Path, tmp_path: Path
+) -> None:
+    """The real model's compiled step (int4 kernels, the decode attention kernel and the
+    vocab projection's int8 limbs kernel inside one library) gives eager's greedy tokens
+    for two rows decoded together."""
+    compiled = load_model(
+        smollm2_gguf_path,
+        quant="int4",
+        max_batch=2,
+        max_seq_len=256,
+        compile_decode=True,
+        aot_dir=tmp_path / "aot",
+    )
+    eager = load_model(smollm2_gguf_path, quant="int4", max_batch=2, max_seq_len=256)
+    decode = compiled.model._aot_decode
+    assert decode is not None
+    (folder,) = [p for p in (tmp_path / "aot").iterdir() if not p.name.startswith(".")]
+    constants = json.loads((folder / aot.MANIFEST).read_text())["constants"]
+    assert "model.output.code_sums" in constants  # the vocab projection runs our kernel
+    tok = compiled.tokenizer
+    prompts = [
+        tok.encode("The capital of France is"),
+        tok.encode('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'),
+    ]
+    runs = []
+    for model in (compiled.model, eager.model):
+        for slot, ids in enumerate(prompts):
+            prefix = torch.tensor([ids[:-1]])
+            model.fill_cache(prefix, torch.arange(len(ids) - 1)[None], torch.tensor([slot]))
+        tokens = torch.tensor([[ids[-1]] for ids in prompts])  # (2, 1)
+        positions = torch.tensor([[len(ids) - 1] for ids in prompts])
+        steps = []
+        for _ in range(24):
+            logits = model(tokens, positions, kv_len=int(positions.max()) + 1)[:, -1]  # (2, V)
+            tokens = logits.argmax(-1, keepdim=True)
+            positions = positions + 1
+            steps.append((tokens[:, 0].tolist(), logits))
+        runs.append(steps)
+    assert decode.calls == 24
+    (aot_steps, eager_steps) = runs
+    assert [t for t, _ in aot_steps] == [t for t, _ in eager_steps]
+    assert "Paris" in tok.decode([t[0] for t, _ in aot_steps])
+    for (_, got), (_, want) in zip(aot_steps, eager_steps, strict=True):
+        torch.testing.assert_close(got, want, atol=0.75, rtol=0.0)
