@@ -291,9 +291,8 @@ class Int8Linear(nn.Module):
         # ragloom's int8-dot kernel for the two-limb product (whole 64-column steps):
         # it takes each row's code sum
         limb_kernel = (
-            self.out_features >= WIDE_OUT_FEATURES
+            self.two_limb("cpu")
             and self.in_features % INT8_LIMBS_K_STEP == 0
-            and _CPU_INT8_DOT
             and load_cpu_kernels()
         )
         code_sums = _row_sums_int32(q) if limb_kernel else None

@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int kCols = 8;  // output columns a micro-kernel call: one transposed reduction
@@ -61,8 +63,7 @@ void micro_kernel(const int8_t* limb1, const int8_t* limb2, const int8_t* w, int
   const __m256i offset = _mm256_slli_epi32(_mm256_maskz_loadu_epi32(cols, code_sums), 7);  // 128 * sum q
   const __m256 sum1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8(acc[0]), offset));
   const __m256 sum2 = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8(acc[1]), offset));
-  const __m256 scale = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(cols, scales)), 16));  // bf16 -> float32
+  const __m256 scale = _mm512_castps512_ps256(ragloom::widen_bf16(_mm256_maskz_loadu_epi16(cols, scales)));
   const __m256 combined = _mm256_add_ps(_mm256_mul_ps(sum1, _mm256_set1_ps(s1)), _mm256_mul_ps(sum2, _mm256_set1_ps(s2)));
   _mm256_mask_storeu_ps(y, cols, _mm256_mul_ps(combined, scale));
 }
